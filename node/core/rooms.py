@@ -1,0 +1,236 @@
+"""The room core: a pure state machine for sending and receiving chat messages.
+
+Theory of operation
+-------------------
+The core never performs I/O and never reads a clock: the runtime feeds it events (each carrying
+`now_ms`) and carries out the effects it returns, in the order they are returned. The order is the
+contract:
+
+    event                 effects (in order)                         why
+    --------------------  -----------------------------------------  ---------------------------------
+    SendRequested         Persist(request, [msg])                     durable before anything else
+                          or Reply(request, error)                    bad input / not a member
+    PersistCompleted      Reply(request, msg), Deliver(new), Publish  the sender hears back only after
+                                                                      the database committed; peers and
+                                                                      local clients see it after that too
+    PersistFailed         Reply(request, error)                       nothing was stored, nothing is sent
+    FrameArrived          Deliver(new messages)                       validated, deduplicated
+                          or Reject(peer, reason)                     bad frames are the peer's fault
+
+Messages are deduplicated by id (ids are derived from room, sender and txn_id, so a retried send
+names the same message on every node). Authorization asks a `MembershipView`, which is the node's
+registry cache: it never waits on the network.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from sms.crdt.hlc import ClockDriftError, HybridClock
+
+from ..errors import BadRequest, ClientError, Forbidden, NotFound, PayloadTooLarge, SmsError
+from .envelope import Frame, FrameError
+from .model import MAX_BODY_BYTES, Message, message_id_for
+
+MAX_TXN_ID = 200
+
+
+class MembershipView(Protocol):
+    @property
+    def revision(self) -> int: ...
+
+    def room_exists(self, room_id: str) -> bool: ...
+
+    def is_member(self, room_id: str, user_id: str) -> bool: ...
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequested:
+    request_id: int
+    user_id: str
+    room_id: str
+    txn_id: str
+    body: str
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PersistCompleted:
+    request_id: int
+    stored: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PersistFailed:
+    request_id: int
+    error: SmsError
+
+
+@dataclass(frozen=True, slots=True)
+class FrameArrived:
+    frame: Frame
+    forwarder: str
+    now_ms: int
+
+
+Event = Union[SendRequested, PersistCompleted, PersistFailed, FrameArrived]
+
+# --- effects --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    request_id: int
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    request_id: int
+    message: Message | None = None
+    error: SmsError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    room_id: str
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    peer: str
+    reason: str
+
+
+Effect = Union[Persist, Reply, Deliver, Publish, Reject]
+
+
+def validate_body(body: object) -> str:
+    if not isinstance(body, str):
+        raise BadRequest("body must be a string")
+    if len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"message body is over {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        raise BadRequest("message body is empty")
+    return body
+
+
+def validate_txn_id(txn_id: str) -> str:
+    if not txn_id or len(txn_id) > MAX_TXN_ID or not txn_id.isprintable():
+        raise BadRequest(f"txn_id must be 1-{MAX_TXN_ID} printable characters")
+    return txn_id
+
+
+@dataclass
+class RoomCore:
+    origin: str
+    clock: HybridClock
+    members: MembershipView
+    seen_capacity: int = 200_000
+    _seq: dict[str, int] = field(default_factory=dict)
+    _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _pending: dict[int, Message] = field(default_factory=dict)
+    rejected_frames: int = 0
+
+    def set_next_seq(self, room_id: str, next_seq: int) -> None:
+        """Continue a room's origin sequence after a restart (from what history holds)."""
+        self._seq[room_id] = max(self._seq.get(room_id, 1), next_seq)
+
+    def step(self, event: Event) -> list[Effect]:
+        if isinstance(event, SendRequested):
+            return self._send_requested(event)
+        if isinstance(event, PersistCompleted):
+            return self._persist_completed(event)
+        if isinstance(event, PersistFailed):
+            self._pending.pop(event.request_id, None)
+            return [Reply(event.request_id, error=event.error)]
+        if isinstance(event, FrameArrived):
+            return self._frame_arrived(event)
+        raise TypeError(f"unknown event {event!r}")
+
+    # -- sending
+
+    def _send_requested(self, ev: SendRequested) -> list[Effect]:
+        try:
+            body = validate_body(ev.body)
+            txn_id = validate_txn_id(ev.txn_id)
+            if not self.members.room_exists(ev.room_id):
+                raise NotFound("no such room")
+            if not self.members.is_member(ev.room_id, ev.user_id):
+                raise Forbidden("you are not a member of this room")
+        except ClientError as err:
+            return [Reply(ev.request_id, error=err)]
+        seq = self._seq.get(ev.room_id, 1)
+        self._seq[ev.room_id] = seq + 1
+        msg = Message(
+            message_id=message_id_for(ev.room_id, ev.user_id, txn_id),
+            room_id=ev.room_id,
+            sender=ev.user_id,
+            body=body,
+            ts=self.clock.now(ev.now_ms),
+            txn_id=txn_id,
+            origin=self.origin,
+            seq=seq,
+            membership_rev=self.members.revision,
+        )
+        self._pending[ev.request_id] = msg
+        return [Persist(ev.request_id, (msg,))]
+
+    def _persist_completed(self, ev: PersistCompleted) -> list[Effect]:
+        self._pending.pop(ev.request_id, None)
+        effects: list[Effect] = [Reply(ev.request_id, message=ev.stored[0])]
+        new = tuple(m for m in ev.stored if self._remember(m.message_id))
+        # A retried send returns the stored original: it is re-published (peers dedupe by id) in case
+        # the first attempt died between commit and publish, but local clients saw it already.
+        if new:
+            effects.append(Deliver(new))
+        if ev.stored:
+            effects.append(Publish(ev.stored[0].room_id, tuple(ev.stored)))
+        return effects
+
+    # -- receiving
+
+    def check_frame(self, frame: Frame, now_ms: int) -> None:
+        """Raises FrameError unless every message in the frame may be shown to clients."""
+        if not self.members.room_exists(frame.room_id):
+            raise FrameError("frame for an unknown room")
+        for m in frame.messages:
+            if m.message_id != message_id_for(m.room_id, m.sender, m.txn_id):
+                raise FrameError("message id does not match its content")
+            if not self.members.is_member(m.room_id, m.sender):
+                raise FrameError("sender is not a member of the room")
+            try:
+                validate_body(m.body)
+            except ClientError as err:
+                raise FrameError(f"bad body: {err.message}") from None
+
+    def _frame_arrived(self, ev: FrameArrived) -> list[Effect]:
+        try:
+            self.check_frame(ev.frame, ev.now_ms)
+            for m in ev.frame.messages:
+                self.clock.observe(m.ts, ev.now_ms)
+        except (FrameError, ClockDriftError) as err:
+            self.rejected_frames += 1
+            return [Reject(ev.forwarder, str(err))]
+        new = tuple(m for m in ev.frame.messages if self._remember(m.message_id))
+        return [Deliver(new)] if new else []
+
+    def _remember(self, message_id: str) -> bool:
+        """True the first time an id is seen. Bounded: the oldest ids are forgotten first."""
+        if message_id in self._seen:
+            return False
+        self._seen[message_id] = None
+        if len(self._seen) > self.seen_capacity:
+            self._seen.popitem(last=False)
+        return True
