@@ -1,13 +1,16 @@
 """Errors raised by sms.crdt.
 
     CrdtError                      base of everything this package raises on purpose
-    ├── InvalidTimestampError      a timestamp or wall time outside the encodable range (ValueError)
+    ├── CrdtValueError             an argument or entry is malformed (ValueError)
+    │   └── InvalidTimestampError  a timestamp or wall time outside the encodable range
+    ├── CrdtConflictError          an origin reused a sequence number for different content (ValueError)
     ├── ClockDriftError            a remote timestamp is too far ahead of our wall clock (ValueError)
     └── CrdtDecodeError            bytes or a delta that cannot be decoded / is malformed (ValueError)
         └── PayloadTooLargeError   the encoded input is over the decode size cap
 
-Whose fault: ClockDriftError and CrdtDecodeError come from a remote peer's data (the node layer
-penalises the peer and drops the frame); InvalidTimestampError from a local caller is our own bug.
+Whose fault: ClockDriftError, CrdtConflictError and CrdtDecodeError come from a remote peer's data
+(the node layer penalises the peer and drops the frame); CrdtValueError from a local caller is our
+own bug, and from decoded peer data it is re-raised as CrdtDecodeError by the codec.
 Every one subclasses ValueError so callers that only know "bad value" still catch them.
 """
 
@@ -18,8 +21,19 @@ class CrdtError(Exception):
     """Base class of the errors sms.crdt raises deliberately."""
 
 
-class InvalidTimestampError(CrdtError, ValueError):
+class CrdtValueError(CrdtError, ValueError):
+    """An argument, entry or decoded field is malformed (wrong type, out of range, wrong room)."""
+
+
+class InvalidTimestampError(CrdtValueError):
     """A wall time, counter or timestamp outside the range a packed timestamp can hold."""
+
+
+class CrdtConflictError(CrdtError, ValueError):
+    """Two different entries claim the same (origin, seq): the origin is buggy or lying.
+
+    The operation that found it changed nothing.
+    """
 
 
 class ClockDriftError(CrdtError, ValueError):
