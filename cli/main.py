@@ -1,0 +1,94 @@
+"""`sms`: the command line. Each command builds a frozen config from flags and environment and
+calls into node/ or bootstrap/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sms.node.errors import SmsError
+
+app = typer.Typer(
+    help="sms: peer-to-peer chat. Start a local cluster with `sms up`, then chat with `sms chat`.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def up(
+    nodes: int = typer.Option(3, "--nodes", "-n", min=1, max=20, help="How many nodes to start."),
+    data_dir: Path = typer.Option(Path("./data"), "--data-dir", "-d", envvar="SMS_DATA_DIR",
+                                  help="Where etcd, PostgreSQL and the nodes keep their state."),
+    http_port: int = typer.Option(8081, help="HTTP port of node 0; node i listens on this + i."),
+    p2p_port: int = typer.Option(4101, help="libp2p TCP port of node 0; node i listens on this + i."),
+    etcd: Optional[str] = typer.Option(None, "--etcd", envvar="SMS_ETCD",
+                                       help="Use this etcd (http://HOST:PORT) instead of an embedded one."),
+    db: Optional[str] = typer.Option(None, "--db", envvar="SMS_DB",
+                                     help="Use this PostgreSQL/CockroachDB DSN instead of an embedded PostgreSQL."),
+    etcd_port: int = typer.Option(12379, help="Client port of the embedded etcd (peer port is +1)."),
+    pg_port: int = typer.Option(15432, help="Port of the embedded PostgreSQL."),
+    log_level: str = typer.Option("info", help="Node log level (debug, info, warning)."),
+) -> None:
+    """Start a local cluster: embedded etcd + PostgreSQL and N nodes. Ctrl-C stops it all."""
+    from sms.bootstrap.up import UpOptions, up as run_up
+
+    opts = UpOptions(
+        data_dir=data_dir, nodes=nodes, http_port=http_port, p2p_port=p2p_port, etcd_url=etcd,
+        db_dsn=db, etcd_port=etcd_port, pg_port=pg_port, log_level=log_level,
+    )
+    try:
+        run_up(opts, lambda line: typer.echo(line))
+    except (RuntimeError, SmsError, OSError) as exc:
+        _fail(f"{exc}\nhint: is another `sms up` using these ports? Try --http-port/--p2p-port/--etcd-port/--pg-port.")
+
+
+@app.command()
+def node(
+    name: str = typer.Option("node-0", help="A name for logs and status."),
+    data_dir: Path = typer.Option(..., "--data-dir", "-d", help="Where this node keeps its identity key."),
+    etcd: str = typer.Option(..., "--etcd", envvar="SMS_ETCD", help="etcd client URL, http://HOST:PORT."),
+    db: str = typer.Option(..., "--db", envvar="SMS_DB", help="PostgreSQL or CockroachDB DSN."),
+    http_port: int = typer.Option(8081, help="HTTP port for REST, WebSocket and the web page."),
+    p2p_port: int = typer.Option(4101, help="libp2p TCP port."),
+    bootstrap: List[str] = typer.Option([], "--bootstrap", "-b",
+                                        help="Multiaddr of a peer to join through (repeatable)."),
+    secret_file: Optional[Path] = typer.Option(None, "--secret-file",
+                                               help="File holding the cluster secret (else $SMS_CLUSTER_SECRET)."),
+    group_commit: bool = typer.Option(True, help="Write concurrent sends in batches."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run one node in the foreground (what `sms up` starts N of)."""
+    from sms.node.config import NodeConfig, read_secret
+    from sms.node.main import run_node
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("libp2p", "multiaddr", "hypercorn.error", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if log_level.lower() != "debug" else logging.DEBUG)
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL if log_level.lower() != "debug" else logging.DEBUG)
+    try:
+        config = NodeConfig(
+            name=name, data_dir=data_dir, etcd_url=etcd, db_dsn=db, http_port=http_port,
+            p2p_port=p2p_port, bootstrap=tuple(bootstrap), secret=read_secret(secret_file),
+            group_commit=group_commit,
+        ).validate()
+        run_node(config)
+    except SmsError as exc:
+        _fail(exc.message)
+
+
+if __name__ == "__main__":
+    app()

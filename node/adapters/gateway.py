@@ -1,0 +1,243 @@
+"""The client gateway: REST + WebSocket under /v1 (FastAPI), served by hypercorn inside the node's
+own trio loop. It translates HTTP to calls on `Node` and sms errors to
+`{"error": {"code", "message"}}` with the matching status. docs/api.md is the contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocketDisconnect
+
+from ..errors import PayloadTooLarge, RateLimited, SmsError, Unauthorized
+
+log = logging.getLogger("sms.gateway")
+
+MAX_REQUEST_BYTES = 256 * 1024
+STATIC = Path(__file__).parent / "static"
+WS_CLOSE_POLICY = 1008
+WS_CLOSE_TRY_AGAIN = 1013
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+class Credentials(BaseModel):
+    name: str
+    password: str
+
+
+class RoomCreate(BaseModel):
+    name: str
+
+
+class MemberPut(BaseModel):
+    role: str = "member"
+
+
+class MessagePut(BaseModel):
+    body: str
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
+    app = FastAPI(
+        title="sms",
+        version="1",
+        description="Peer-to-peer chat: every node serves the whole API. See docs/api.md.",
+    )
+
+    @app.exception_handler(SmsError)
+    async def _sms_error(request: Request, exc: SmsError) -> JSONResponse:
+        extra = {"retry_after_ms": exc.retry_after_ms} if isinstance(exc, RateLimited) else {}
+        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(error_body("bad_json", "the request body is not valid JSON"), 400)
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+        return JSONResponse(error_body("invalid", detail or "invalid request"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+
+    @app.middleware("http")
+    async def _cap_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            return JSONResponse(
+                error_body("payload_too_large", f"request body over {MAX_REQUEST_BYTES} bytes"), 413
+            )
+        return await call_next(request)
+
+    async def user_of(request: Request) -> str:
+        return await node.authenticate(bearer(request))
+
+    # -- health, status, metrics
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> JSONResponse:
+        return JSONResponse(node.health(), status_code=200 if node.healthy else 503)
+
+    @app.get("/v1/status", tags=["operations"])
+    async def status() -> dict:
+        return node.status()
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        node.status()  # refreshes the gauges
+        return Response(generate_latest(node.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    # -- accounts
+
+    @app.post("/v1/users", status_code=201, tags=["accounts"])
+    async def register(body: Credentials) -> dict:
+        user = await node.register(body.name, body.password)
+        return {"user_id": user.user_id, "name": user.name}
+
+    @app.get("/v1/users", tags=["accounts"])
+    async def find_user(request: Request, name: str = Query(...)) -> dict:
+        await user_of(request)
+        user = await node.find_user(name)
+        return {"user_id": user.user_id, "name": user.name}
+
+    @app.post("/v1/sessions", status_code=201, tags=["accounts"])
+    async def login(body: Credentials) -> dict:
+        token, user_id = await node.login(body.name, body.password)
+        return {"token": token, "user_id": user_id}
+
+    @app.delete("/v1/sessions/current", status_code=204, tags=["accounts"])
+    async def logout(request: Request) -> Response:
+        await user_of(request)
+        await node.logout(bearer(request) or "")
+        return Response(status_code=204)
+
+    # -- rooms
+
+    @app.post("/v1/rooms", status_code=201, tags=["rooms"])
+    async def create_room(request: Request, body: RoomCreate) -> dict:
+        user_id = await user_of(request)
+        room = await node.create_room(user_id, body.name)
+        return {"room_id": room.room_id, "name": room.name}
+
+    @app.get("/v1/rooms", tags=["rooms"])
+    async def list_rooms(request: Request) -> dict:
+        user_id = await user_of(request)
+        return {
+            "rooms": [
+                {"room_id": room.room_id, "name": room.name, "role": role}
+                for room, role in node.rooms_of(user_id)
+            ]
+        }
+
+    @app.put("/v1/rooms/{room_id}/members/{member_id}", tags=["rooms"])
+    async def put_member(request: Request, room_id: str, member_id: str, body: MemberPut) -> dict:
+        user_id = await user_of(request)
+        await node.set_member(user_id, room_id, member_id, body.role)
+        return {"room_id": room_id, "user_id": member_id, "role": body.role}
+
+    # -- messages
+
+    @app.put("/v1/rooms/{room_id}/messages/{txn_id}", tags=["messages"])
+    async def send(request: Request, room_id: str, txn_id: str, body: MessagePut) -> dict:
+        user_id = await user_of(request)
+        msg = await node.send(user_id, room_id, txn_id, body.body)
+        return {"message_id": msg.message_id, "ts": msg.ts}
+
+    @app.get("/v1/rooms/{room_id}/messages", tags=["messages"])
+    async def history(
+        request: Request,
+        room_id: str,
+        limit: int = Query(50, ge=1, le=500),
+        before: str | None = None,
+        after: str | None = None,
+    ) -> dict:
+        user_id = await user_of(request)
+        node.require_member(room_id, user_id)
+        page = await node.history.page(room_id, limit=limit, before=before, after=after)
+        return {
+            "messages": [m.to_client() for m in page.messages],
+            "prev": page.prev,
+            "next": page.next,
+        }
+
+    # -- events
+
+    @app.websocket("/v1/events")
+    async def events(ws: WebSocket, token: str | None = None) -> None:
+        try:
+            user_id = await node.authenticate(token)
+        except Unauthorized as err:
+            await ws.close(code=WS_CLOSE_POLICY, reason=err.message[:120])
+            return
+        except SmsError as err:
+            await ws.close(code=WS_CLOSE_TRY_AGAIN, reason=err.message[:120])
+            return
+        await ws.accept()
+        sub = node.hub.connect(user_id)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def drain_client() -> None:
+                    # We ignore what clients send, but must read to notice they left.
+                    try:
+                        while True:
+                            await ws.receive_text()
+                    except (WebSocketDisconnect, RuntimeError):
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(drain_client)
+                async for event in sub.receive:
+                    await ws.send_text(json.dumps(event, separators=(",", ":")))
+                if sub.overflowed:
+                    await ws.close(code=WS_CLOSE_TRY_AGAIN, reason="too slow; resume from your cursor")
+                elif sub.closed_reason:
+                    await ws.close(code=WS_CLOSE_POLICY, reason=sub.closed_reason)
+                nursery.cancel_scope.cancel()
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            node.hub.disconnect(sub)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = STATIC / "index.html"
+        if page.exists():
+            return FileResponse(page)
+        return PlainTextResponse("sms node: see /docs for the API\n")
+
+    return app
+
+
+async def serve_gateway(app: FastAPI, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serves the app with hypercorn's trio worker until cancelled."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+    config.websocket_max_message_size = 64 * 1024 + 4096
+    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""One frozen, validated configuration object per node, built by the CLI and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadRequest
+
+DEFAULT_HTTP_PORT = 8081
+DEFAULT_P2P_PORT = 4101
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    data_dir: Path
+    etcd_url: str
+    db_dsn: str
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    p2p_host: str = "127.0.0.1"
+    p2p_port: int = DEFAULT_P2P_PORT
+    bootstrap: tuple[str, ...] = ()
+    secret: str | None = field(default=None, repr=False)  # 64 hex chars; never logged
+    session_ttl_s: int = 7 * 24 * 3600
+    allowed_origins: tuple[str, ...] = ()
+    group_commit: bool = True
+    publish_window_ms: float = 2.0
+
+    def validate(self) -> "NodeConfig":
+        problems = []
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            problems.append(f"node name {self.name!r} must be letters, digits, - or _")
+        for what, port in (("--http-port", self.http_port), ("--p2p-port", self.p2p_port)):
+            if not 1 <= port <= 65535:
+                problems.append(f"{what} {port} is not a TCP port")
+        if not self.etcd_url.startswith(("http://", "https://")):
+            problems.append(f"--etcd {self.etcd_url!r} must be an http(s):// URL")
+        if not self.db_dsn.startswith(("postgresql://", "postgres://")):
+            problems.append(f"--db {self.db_dsn!r} must be a postgresql:// DSN")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                problems.append(f"--bootstrap {addr!r} must be a multiaddr ending in /p2p/PEER_ID")
+        if self.session_ttl_s < 60:
+            problems.append("session TTL must be at least 60 s")
+        if problems:
+            raise BadRequest("invalid node configuration: " + "; ".join(problems))
+        return self
+
+    @property
+    def identity_path(self) -> Path:
+        return self.data_dir / "node.key"
+
+
+def read_secret(secret_file: Path | None, env: dict[str, str] | None = None) -> str | None:
+    """The cluster secret comes from a file or SMS_CLUSTER_SECRET, never from the command line."""
+    env = os.environ if env is None else env
+    if secret_file is not None:
+        try:
+            return secret_file.read_text().strip()
+        except OSError as exc:
+            raise BadRequest(f"cannot read the cluster secret file {secret_file}: {exc.strerror}") from None
+    value = env.get("SMS_CLUSTER_SECRET")
+    return value.strip() if value else None

@@ -1,0 +1,81 @@
+"""Fan-out of events to the WebSocket clients connected to this node.
+
+Each connection has a bounded queue. Delivery never waits: a client that falls a whole queue behind
+is disconnected (close code 1013, "try again later") and resumes from its cursor, rather than
+slowing the node down for everyone else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import trio
+
+from .core.model import Message
+
+QUEUE_DEPTH = 4096
+
+
+@dataclass(eq=False)
+class Subscriber:
+    user_id: str
+    send: trio.MemorySendChannel
+    receive: trio.MemoryReceiveChannel
+    overflowed: bool = False
+    closed_reason: str | None = None
+
+
+@dataclass
+class Hub:
+    members_of: Callable[[str], Iterable[str]]  # room_id -> user ids (the registry cache)
+    _by_user: dict[str, set[Subscriber]] = field(default_factory=dict)
+    delivered: int = 0
+
+    def connect(self, user_id: str) -> Subscriber:
+        send, receive = trio.open_memory_channel(QUEUE_DEPTH)
+        sub = Subscriber(user_id, send, receive)
+        self._by_user.setdefault(user_id, set()).add(sub)
+        return sub
+
+    def disconnect(self, sub: Subscriber) -> None:
+        subs = self._by_user.get(sub.user_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_user[sub.user_id]
+        sub.send.close()
+
+    @property
+    def connections(self) -> int:
+        return sum(len(s) for s in self._by_user.values())
+
+    def deliver(self, messages: Iterable[Message]) -> None:
+        for m in messages:
+            self.publish_event(m.room_id, {"type": "message", **m.to_client()})
+
+    def publish_event(self, room_id: str, event: dict) -> None:
+        for user_id in self.members_of(room_id):
+            for sub in self._by_user.get(user_id, ()):
+                self._offer(sub, event)
+
+    def send_to_user(self, user_id: str, event: dict) -> None:
+        for sub in self._by_user.get(user_id, ()):
+            self._offer(sub, event)
+
+    def close_user(self, user_id: str, reason: str) -> None:
+        for sub in list(self._by_user.get(user_id, ())):
+            sub.closed_reason = reason
+            sub.send.close()
+
+    def _offer(self, sub: Subscriber, event: dict) -> None:
+        if sub.overflowed:
+            return
+        try:
+            sub.send.send_nowait(event)
+            self.delivered += 1
+        except trio.WouldBlock:
+            sub.overflowed = True
+            sub.send.close()
+        except trio.ClosedResourceError:
+            pass

@@ -1,0 +1,42 @@
+"""Running one node as a process: the node, its gateway, and a clean stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from .adapters.gateway import build_app, serve_gateway
+from .config import NodeConfig
+from .runtime import open_node
+
+log = logging.getLogger("sms.node")
+
+
+async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Runs a node until cancelled. Ready (task_status.started) once its gateway listens."""
+    async with open_node(config) as node:
+        app = build_app(node)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_gateway, app, config.http_host, config.http_port)
+            log.info(
+                "node %s ready: http://%s:%d peer %s", config.name, config.http_host, config.http_port,
+                node.p2p.peer_id,
+            )
+            task_status.started(node)
+            await trio.sleep_forever()
+
+
+async def _run_until_signalled(config: NodeConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_node, config)
+            async for signum in signals:
+                log.info("node %s: %s, stopping", config.name, signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run_node(config: NodeConfig) -> None:
+    trio.run(_run_until_signalled, config)

@@ -1,0 +1,171 @@
+"""The room core, driven as a pure state machine: events in, effects out, time as an argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sms.crdt.hlc import HybridClock
+from sms.node.core.envelope import Frame, FrameError, decode_frame, encode_frame
+from sms.node.core.model import MAX_BODY_BYTES, Message, message_id_for
+from sms.node.core.rooms import (
+    Deliver,
+    FrameArrived,
+    Persist,
+    PersistCompleted,
+    PersistFailed,
+    Publish,
+    Reject,
+    Reply,
+    RoomCore,
+    SendRequested,
+)
+from sms.node.errors import Forbidden, NotFound, PayloadTooLarge, Unavailable
+
+
+@dataclass
+class Members:
+    rooms: dict[str, set[str]] = field(default_factory=dict)
+    revision: int = 7
+
+    def room_exists(self, room_id: str) -> bool:
+        return room_id in self.rooms
+
+    def is_member(self, room_id: str, user_id: str) -> bool:
+        return user_id in self.rooms.get(room_id, ())
+
+
+def make_core(origin: str = "peerA") -> RoomCore:
+    return RoomCore(origin=origin, clock=HybridClock(), members=Members({"r1": {"alice", "bob"}}))
+
+
+def send(core: RoomCore, rid: int, user: str = "alice", room: str = "r1", txn: str = "t1",
+         body: str = "hi", now: int = 1_000) -> list:
+    return core.step(SendRequested(rid, user, room, txn, body, now))
+
+
+def test_a_send_is_persisted_before_anything_else_happens() -> None:
+    core = make_core()
+    effects = send(core, 1)
+    assert len(effects) == 1 and isinstance(effects[0], Persist)
+    msg = effects[0].messages[0]
+    assert msg.message_id == message_id_for("r1", "alice", "t1")
+    assert (msg.origin, msg.seq, msg.membership_rev) == ("peerA", 1, 7)
+
+
+def test_after_persisting_the_sender_hears_back_then_clients_and_peers() -> None:
+    core = make_core()
+    msg = send(core, 1)[0].messages[0]
+    effects = core.step(PersistCompleted(1, (msg,)))
+    assert [type(e) for e in effects] == [Reply, Deliver, Publish]
+    assert effects[0].message == msg and effects[1].messages == (msg,)
+
+
+def test_a_retried_send_is_answered_with_the_stored_message_and_not_delivered_twice() -> None:
+    core = make_core()
+    first = send(core, 1)[0].messages[0]
+    core.step(PersistCompleted(1, (first,)))
+    send(core, 2, now=5_000)  # same txn id: the store answers with the original
+    effects = core.step(PersistCompleted(2, (first,)))
+    assert [type(e) for e in effects] == [Reply, Publish]
+    assert effects[0].message == first
+
+
+def test_a_failed_persist_is_reported_and_nothing_is_sent() -> None:
+    core = make_core()
+    send(core, 1)
+    err = Unavailable("database down")
+    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"user": "mallory"}, Forbidden),
+        ({"room": "nope"}, NotFound),
+        ({"body": "x" * (MAX_BODY_BYTES + 1)}, PayloadTooLarge),
+    ],
+)
+def test_bad_sends_are_refused_without_persisting(kwargs: dict, error: type) -> None:
+    effects = send(make_core(), 1, **kwargs)
+    assert len(effects) == 1 and isinstance(effects[0], Reply)
+    assert isinstance(effects[0].error, error)
+
+
+def test_origin_sequence_counts_per_room_and_resumes_after_restart() -> None:
+    core = make_core()
+    core.members.rooms["r2"] = {"alice"}
+    seqs = [send(core, i, room=r, txn=f"t{i}")[0].messages[0].seq for i, r in enumerate(["r1", "r1", "r2"])]
+    assert seqs == [1, 2, 1]
+    restarted = make_core()
+    restarted.set_next_seq("r1", 42)
+    assert send(restarted, 1)[0].messages[0].seq == 42
+
+
+def peer_message(core_origin: str = "peerB", sender: str = "bob", txn: str = "x", ts: int = 2_000 << 16) -> Message:
+    return Message(message_id_for("r1", sender, txn), "r1", sender, "yo", ts, txn, core_origin, 1, 7)
+
+
+def test_frames_from_peers_are_delivered_once() -> None:
+    core = make_core()
+    m = peer_message()
+    frame = Frame(1, "r1", "peerB", (m,))
+    assert core.step(FrameArrived(frame, "peerB", 2_000)) == [Deliver((m,))]
+    assert core.step(FrameArrived(frame, "peerC", 2_001)) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        peer_message(sender="mallory"),  # not a member
+        Message("forged", "r1", "bob", "yo", 2_000 << 16, "x", "peerB", 1, 7),  # id not derived
+        peer_message(ts=(2_000 + 3_600_000) << 16),  # an hour ahead of our clock
+    ],
+)
+def test_bad_frames_are_rejected_and_blamed_on_the_peer(bad: Message) -> None:
+    core = make_core()
+    effects = core.step(FrameArrived(Frame(1, "r1", "peerB", (bad,)), "peerB", 2_000))
+    assert len(effects) == 1 and isinstance(effects[0], Reject) and effects[0].peer == "peerB"
+    assert core.rejected_frames == 1
+
+
+def test_the_clock_keeps_causality_across_peers() -> None:
+    core = make_core()
+    remote_ts = (10_000 << 16) + 5  # a peer ahead of us, within the drift bound
+    core.step(FrameArrived(Frame(1, "r1", "peerB", (peer_message(ts=remote_ts),)), "peerB", 9_000))
+    reply = send(core, 1, now=9_001)[0].messages[0]
+    assert reply.ts > remote_ts
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=40), st.text(min_size=1, max_size=20).filter(str.strip)), max_size=20))
+def test_frames_round_trip(items: list[tuple[str, str]]) -> None:
+    messages = [
+        Message(message_id_for("r", "u", f"t{i}"), "r", "u", body or "b", 1 + i, f"t{i}", "o", i + 1, 3)
+        for i, (body, _) in enumerate(items)
+    ]
+    frame = decode_frame(encode_frame("r", "o", messages))
+    assert frame.room_id == "r" and list(frame.messages) == messages
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_frames_raise_only_frame_errors(data: bytes) -> None:
+    try:
+        decode_frame(data)
+    except FrameError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=200))
+def test_mutated_frames_raise_only_frame_errors(noise: bytes) -> None:
+    good = encode_frame("r", "o", [peer_message()])
+    cut = len(noise) % len(good)
+    try:
+        decode_frame(good[:cut] + noise)
+    except FrameError:
+        pass
