@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.services_pg"]
