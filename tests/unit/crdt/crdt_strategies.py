@@ -48,3 +48,41 @@ sort_keys = st.one_of(
 max_registers = st.one_of(
     st.just(MaxRegister()), st.builds(MaxRegister, sort_keys, st.one_of(st.none(), st.integers(0, 2)))
 )
+
+
+# -- room log op universes ---------------------------------------------------------------------------
+
+from sms.crdt.hlc import HybridClock  # noqa: E402
+from sms.crdt.roomlog import EditEntry, Entry, MessageEntry  # noqa: E402
+
+ROOM = "room1"
+
+
+@st.composite
+def op_universes(draw: st.DrawFn, max_ops: int = 25) -> list[Entry]:
+    """Ops as honest origins would author them: per-origin seqs 1..n, HLC timestamps, message ids
+    from a small pool (so a "retry" accepted by two origins happens), edits and deletions that may
+    target messages that come later or never."""
+    clocks = {o: HybridClock() for o in ORIGINS}
+    seqs = {o: 0 for o in ORIGINS}
+    wall = 0
+    ops: list[Entry] = []
+    for _ in range(draw(st.integers(0, max_ops))):
+        origin = draw(origins)
+        wall += draw(st.integers(0, 3))
+        # Peers' walls are skewed a little, and they hear of each other's ops sometimes.
+        ts = clocks[origin].now(wall + ORIGINS.index(origin))
+        if ops and draw(st.booleans()):
+            ts = clocks[origin].observe(draw(st.sampled_from(ops)).ts, wall)
+        seqs[origin] += 1
+        k = draw(st.integers(0, 5))
+        kind = draw(st.sampled_from(["msg", "msg", "edit", "delete"]))
+        if kind == "msg":
+            ops.append(
+                MessageEntry(f"m{k}", ROOM, f"user{k}", draw(st.sampled_from(["hi", "yo", ""])), ts,
+                             origin, seqs[origin], f"t{k}")
+            )
+        else:
+            body = None if kind == "delete" else draw(st.sampled_from(["e1", "e2"]))
+            ops.append(EditEntry(f"m{k}", ROOM, f"user{k}", body, ts, origin, seqs[origin]))
+    return ops
