@@ -87,6 +87,40 @@ class History(Protocol):
     async def page(
         self, room_id: str, *, limit: int, before: str | None = None, after: str | None = None
     ) -> HistoryPage:
-        """Newest `limit` messages before `before` (or the oldest after `after`), oldest first."""
+        """Newest `limit` messages before `before` (or the oldest after `after`), oldest first.
+        `prev` / `next` are cursors for older / newer messages, None when there are none. Edited
+        messages show their current body; deleted ones are omitted. Raises BadRequest for an
+        invalid cursor, both cursors, or a limit outside [1, 1000]."""
 
-    async def ping(self) -> None: ...
+    async def get(self, room_id: str, message_id: str) -> Message | None:
+        """The stored message with its current body, or None if unknown or deleted."""
+
+    async def edit(self, room_id: str, message_id: str, body: str, ts: int) -> bool:
+        """Replaces the body if `ts` is newer than the last applied edit (last writer wins) and the
+        message is not deleted. Returns whether it was applied. Raises NotFound if unknown."""
+
+    async def delete(self, room_id: str, message_id: str, ts: int) -> bool:
+        """Tombstones the message and erases its body; final (later edits are ignored). Returns
+        whether this call deleted it. Raises NotFound if unknown."""
+
+    async def set_read_marker(self, user_id: str, room_id: str, message_id: str, ts: int) -> bool:
+        """Moves the marker to (ts, message_id) if later than the current one. Returns whether it moved."""
+
+    async def read_markers(self, user_id: str) -> dict[str, tuple[str, int]]:
+        """room_id -> (message_id, ts) for every room where the user has a marker."""
+
+    async def delete_room(self, room_id: str) -> int:
+        """Removes the room's messages and read markers. Returns the number of messages removed."""
+
+    async def purge_older_than(self, ts: int) -> int:
+        """Retention: removes every message with a timestamp below `ts`. Returns how many."""
+
+    async def messages_after(self, room_id: str, origin: str, after_seq: int, limit: int) -> list[Message]:
+        """What `origin` sent in the room with seq > after_seq, by seq, at most `limit` (sync
+        repair). Deleted messages are included with body "" so they do not look like gaps."""
+
+    async def version_vector(self, room_id: str) -> dict[str, int]:
+        """origin -> highest seq stored for the room."""
+
+    async def ping(self) -> None:
+        """Raises Unavailable if the database cannot be reached."""

@@ -1,0 +1,285 @@
+"""SqlHistory on a real (embedded) PostgreSQL: the History contract, group commit, the 40001 retry
+path, outages and long pagination. The same contract also runs against FakeHistory here."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+import trio
+
+from sms.node.adapters.sql import MIGRATIONS, RetryPolicy, open_history
+from sms.node.errors import Unavailable
+from tests.contracts.history_contract import ROOM, HistoryContract, msg, order, walk_back, walk_forward
+from tests.fakes.history import FakeHistory
+
+
+def _truncate(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE messages, read_markers")
+
+
+def _count(dsn: str, where: str = "TRUE", params: tuple = ()) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(f"SELECT count(*) FROM messages WHERE {where}", params).fetchone()[0]
+
+
+@pytest.fixture
+def fresh_db(pg_postgres):
+    """A database of the test's own on the session server (for migration tests)."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_postgres.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_postgres.admin_dsn.rsplit("/", 1)[0] + "/" + name
+
+
+class TestFakeHistory(HistoryContract):
+    @pytest.fixture
+    async def history(self):
+        return FakeHistory()
+
+
+class TestSqlHistoryContract(HistoryContract):
+    @pytest.fixture(params=[True, False], ids=["group-commit", "direct"])
+    async def history(self, request, pg_dsn):
+        async with open_history(pg_dsn, group_commit=request.param) as history:
+            _truncate(pg_dsn)
+            yield history
+
+
+@pytest.fixture
+async def history(pg_dsn):
+    async with open_history(pg_dsn) as history:
+        _truncate(pg_dsn)
+        yield history
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+async def test_migrations_are_recorded_once_and_reopening_is_idempotent(fresh_db):
+    async with open_history(fresh_db) as h:
+        assert h.is_cockroach is False
+        assert "PostgreSQL" in h.server_version
+        await h.append([msg("t1", 1)])
+    async with open_history(fresh_db) as h:
+        assert len((await h.page(ROOM, limit=10)).messages) == 1
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}
+    assert [r[0] for r in rows] == [m.version for m in MIGRATIONS]
+    assert {"messages_room_ts", "messages_room_origin_seq", "messages_ts", "messages_txn_key"} <= indexes
+
+
+async def test_nodes_starting_together_both_migrate(fresh_db):
+    opened = []
+
+    async def open_one():
+        async with open_history(fresh_db) as h:
+            await h.ping()
+            opened.append(h)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(open_one)
+    assert len(opened) == 3
+
+
+async def test_open_fails_with_unavailable_when_nothing_listens():
+    from tests.services_pg import free_port
+
+    with pytest.raises(Unavailable, match="database unreachable"):
+        async with open_history(f"postgresql://postgres@127.0.0.1:{free_port()}/sms", connect_timeout=2):
+            pass  # pragma: no cover
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_appends_are_batched_and_each_stored_once(history, pg_dsn):
+    distinct = [msg(f"t{i}", 1000 + i % 37, sender=f"u{i % 5}") for i in range(150)]
+    # 50 duplicates: 25 exact resends, 25 retried sends of the same txn with another body and ts
+    dups = [distinct[i] for i in range(0, 50, 2)] + [
+        msg(distinct[i].txn_id, 1, sender=distinct[i].sender, body="retry") for i in range(1, 50, 2)
+    ]
+    calls = [[m] for m in distinct + dups]
+    calls.append([])  # an empty call is answered too
+    results: dict[int, list] = {}
+
+    async def call(i, ms):
+        results[i] = await history.append(ms)
+
+    async with trio.open_nursery() as nursery:
+        for i, ms in enumerate(calls):
+            nursery.start_soon(call, i, ms)
+
+    assert len(results) == len(calls)  # every caller answered
+    # Which of two concurrent sends of one txn lands first is up to the scheduler; every caller of
+    # that txn must get the one that was stored.
+    stored = {(m.room_id, m.sender, m.txn_id): m for m in await walk_back(history, ROOM, 64)}
+    assert len(stored) == 150 == _count(pg_dsn)
+    for i, ms in enumerate(calls):
+        assert results[i] == [stored[(m.room_id, m.sender, m.txn_id)] for m in ms]
+        for sent, got in zip(ms, results[i]):
+            assert got.message_id == sent.message_id and got.body in (sent.body, "retry", f"body of {sent.txn_id}")
+    # batching happened: 200 calls did not take 200 transactions
+    assert history.stats.batches < 200
+    assert history.stats.largest_batch > 1
+    assert history.stats.batched_messages == 200
+
+
+async def test_a_call_larger_than_max_batch_is_written_whole(pg_dsn):
+    async with open_history(pg_dsn, max_batch=8) as h:
+        _truncate(pg_dsn)
+        ms = [msg(f"t{i}", i + 1) for i in range(50)]
+        small = [[msg(f"s{i}", 100 + i)] for i in range(20)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.append, ms)
+            for s in small:
+                nursery.start_soon(h.append, s)
+        assert _count(pg_dsn) == 70
+        assert h.stats.largest_batch == 50
+
+
+async def test_appends_queued_at_close_are_written_and_later_ones_refused(pg_dsn):
+    async with open_history(pg_dsn) as h:
+        _truncate(pg_dsn)
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(h.append, [msg(f"t{i}", i + 1)])
+    assert _count(pg_dsn) == 30
+    with pytest.raises(Unavailable):
+        await h.append([msg("late", 1)])
+
+
+# -- serialization failures -------------------------------------------------------------------------
+
+
+def failing_first(n: int, exc_type=psycopg.errors.SerializationFailure, op: str = "append"):
+    calls: list[int] = []
+
+    def hook(operation, attempt, conn):
+        if operation == op:
+            calls.append(attempt)
+            if attempt < n:
+                raise exc_type("injected")
+
+    hook.calls = calls  # type: ignore[attr-defined]
+    return hook
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "direct"])
+async def test_injected_40001_is_retried_without_duplicates(pg_dsn, group_commit):
+    hook = failing_first(3)
+    async with open_history(pg_dsn, group_commit=group_commit, fault_hook=hook) as h:
+        _truncate(pg_dsn)
+        ms = [msg("t1", 1), msg("t2", 2)]
+        assert await h.append(ms) == ms
+        assert hook.calls == [0, 1, 2, 3]
+        assert h.stats.retries == 3
+        assert await h.append(ms) == ms  # and again: still idempotent
+    assert _count(pg_dsn) == 2
+
+
+async def test_a_real_server_side_40001_and_a_deadlock_are_retried(pg_dsn):
+    def hook(operation, attempt, conn):
+        if operation == "append" and attempt == 0:
+            conn.execute("DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure'; END $$")
+        if operation == "append" and attempt == 1:
+            conn.execute("DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'deadlock_detected'; END $$")
+
+    async with open_history(pg_dsn, fault_hook=hook) as h:
+        _truncate(pg_dsn)
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(h.append, [msg(f"t{i}", i + 1)])
+        assert h.stats.retries >= 2
+    assert _count(pg_dsn) == 10
+
+
+async def test_retries_are_bounded_and_then_unavailable(pg_dsn):
+    hook = failing_first(10**9)
+    async with open_history(pg_dsn, fault_hook=hook, retry=RetryPolicy(max_attempts=4)) as h:
+        _truncate(pg_dsn)
+        with pytest.raises(Unavailable, match="gave up after 4 attempts"):
+            await h.append([msg("t1", 1)])
+        assert hook.calls == [0, 1, 2, 3]
+    assert _count(pg_dsn) == 0
+
+
+async def test_contended_read_markers_converge_to_the_maximum(history):
+    # Concurrent upserts of one row under SERIALIZABLE really do fail with 40001 on PostgreSQL;
+    # the retry loop must absorb them.
+    async with trio.open_nursery() as nursery:
+        for ts in range(1, 41):
+            nursery.start_soon(history.set_read_marker, "alice", ROOM, f"m{ts:03}", ts)
+    assert await history.read_markers("alice") == {ROOM: ("m040", 40)}
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+
+async def wait_until_available(history, deadline_s: float = 30.0) -> None:
+    with trio.fail_after(deadline_s):
+        while True:
+            try:
+                await history.ping()
+                return
+            except Unavailable:
+                await trio.sleep(0.2)
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "direct"])
+async def test_outage_gives_unavailable_and_the_pool_recovers_by_itself(pg_server, group_commit):
+    async with open_history(pg_server.dsn, group_commit=group_commit, pool_timeout=1.0, reconnect_timeout=1.0) as h:
+        before = [msg("before", 1)]
+        await h.append(before)
+
+        await trio.to_thread.run_sync(pg_server.stop)
+        errors: list[Exception] = []
+
+        async def during(i):
+            try:
+                await h.append([msg(f"during-{i}", 2)])
+            except Unavailable as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(during, i)
+        assert len(errors) == 5  # every caller answered, each with Unavailable
+        assert all("database unreachable" in e.message for e in errors)
+        with pytest.raises(Unavailable):
+            await h.ping()
+        with pytest.raises(Unavailable):
+            await h.page(ROOM, limit=10)
+
+        await trio.to_thread.run_sync(pg_server.start)
+        await wait_until_available(h)
+        after = [msg("after", 3)]
+        assert await h.append(after) == after
+        assert (await h.page(ROOM, limit=10)).messages == before + after
+
+
+async def test_restart_between_calls_is_invisible(pg_server):
+    # Pooled connections die with the server; the pool's check replaces them, so the first call
+    # after a quick restart succeeds instead of failing on a dead connection.
+    async with open_history(pg_server.dsn, pool_timeout=10.0) as h:
+        await h.append([msg("a", 1)])
+        await trio.to_thread.run_sync(pg_server.restart)
+        await h.append([msg("b", 2)])
+        assert [m.txn_id for m in (await h.page(ROOM, limit=10)).messages] == ["a", "b"]
+
+
+# -- long pagination ------------------------------------------------------------------------------
+
+
+async def test_paginating_through_5000_messages(history):
+    ms = [msg(f"t{i}", 10_000 + (i * 7) % 3001, sender=f"u{i % 3}") for i in range(5000)]
+    for i in range(0, len(ms), 500):
+        await history.append(ms[i : i + 500])
+    expected = order(ms)
+    assert await walk_back(history, ROOM, 97) == expected
+    assert await walk_forward(history, ROOM, 500) == expected
+    assert (await history.page(ROOM, limit=1000)).messages == expected[-1000:]
