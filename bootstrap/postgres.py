@@ -229,8 +229,11 @@ class PostgresProcess:
                 )
             try:
                 with psycopg.connect(self.admin_dsn, connect_timeout=2, autocommit=True) as conn:
-                    conn.execute("SELECT 1")
-                return
+                    row = conn.execute("SHOW data_directory").fetchone()
+                # Whoever answers on the port must be our server, not another one that holds it.
+                if row and Path(row[0]).resolve() == self.data_dir.resolve():
+                    return
+                last = PostgresError(f"127.0.0.1:{self.port} is served by another PostgreSQL ({row[0] if row else '?'})")
             except psycopg.Error as e:
                 last = e
             if time.monotonic() > deadline:

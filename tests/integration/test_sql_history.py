@@ -283,3 +283,34 @@ async def test_paginating_through_5000_messages(history):
     assert await walk_back(history, ROOM, 97) == expected
     assert await walk_forward(history, ROOM, 500) == expected
     assert (await history.page(ROOM, limit=1000)).messages == expected[-1000:]
+
+
+# -- the embedded launcher ------------------------------------------------------------------------
+
+
+def test_launcher_failure_names_the_log_and_a_second_server_on_the_same_data_is_refused(pg_server, tmp_path):
+    from sms.bootstrap.postgres import PostgresError, start_postgres
+
+    # the port is taken (by pg_server): postgres exits, and the error says where to look
+    with pytest.raises(PostgresError, match=r"exited .* see .*other\.log"):
+        start_postgres(tmp_path / "other", port=pg_server.port, durable=False)
+    # the data dir is in use by a live postmaster that is not ours: refuse, do not kill it
+    from tests.services_pg import free_port
+
+    with pytest.raises(PostgresError, match=f"pid {pg_server.pid}"):
+        start_postgres(pg_server.data_dir, port=free_port(), durable=False)
+    assert pg_server.running
+    pid = pg_server.pid
+    pg_server.stop()
+    assert pg_server.pid is None and not _alive(pid)
+    pg_server.stop()  # idempotent
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
