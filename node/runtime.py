@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sms.crdt.hlc import HybridClock
 
-from .adapters.etcd import EtcdRegistry, serve_registry_cache
+from .adapters.etcd import EtcdRegistry
+from .registry_feed import serve_registry_cache
 from .adapters.p2p import P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
