@@ -82,6 +82,9 @@ def _check_port_free(port: int, what: str) -> None:
     # etcd itself may bind a port that another etcd already listens on (we saw it on 3.5), and
     # then /health answers from the other member: refuse up front instead.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR, as etcd's own listener has: a just-stopped etcd's TIME_WAIT connections
+        # must not count as "in use", while a live listener still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError as exc:
