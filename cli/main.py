@@ -90,5 +90,11 @@ def node(
         _fail(exc.message)
 
 
+from sms.benchmarks.cli import register as _register_bench  # noqa: E402
+from sms.cli.client import register as _register_client  # noqa: E402
+
+_register_client(app)
+_register_bench(app)
+
 if __name__ == "__main__":
     app()
