@@ -25,13 +25,37 @@ class RegistrySnapshot:
 
 @dataclass(frozen=True, slots=True)
 class RegistryChange:
-    """One change seen by the watch. kind: user | room | member | session; deleted: the key went away."""
+    """One change seen by the watch. kind: user | room | member | session; deleted: the key went away.
+
+    key and value by kind: user (user_id,) -> User; room (room_id,) -> Room; member
+    (room_id, user_id) -> Role; session (token_hash,) -> user_id.
+
+    kind "progress" (key (), value None) says only "nothing else changed up to `revision`": the
+    watch sends it for changes a cache does not hold and when etcd reports progress, so a cache's
+    revision keeps up with the registry's and a stuck watch can be told from a quiet one.
+    Consumers must ignore kinds they do not know. Several changes can share one revision (one
+    transaction); they arrive together, in order.
+    """
 
     revision: int
     kind: str
     key: tuple[str, ...]
     value: object | None
     deleted: bool = False
+
+
+class NodeLease(Protocol):
+    """A node's registration in the registry, alive only while it is kept alive."""
+
+    peer_id: str
+    ttl_s: int
+
+    async def keepalive(self) -> None:
+        """Refreshes the lease once. Raises NotFound if it already expired or was revoked (register
+        again) and Unavailable if the registry cannot be reached."""
+
+    async def revoke(self) -> None:
+        """Ends the lease now, removing the record. No error if it is already gone."""
 
 
 class Registry(Protocol):
@@ -58,6 +82,31 @@ class Registry(Protocol):
     async def set_member(self, room_id: str, actor_id: str, user_id: str, role: Role) -> Membership:
         """Adds or re-roles a member; the actor must be an admin of the room (Forbidden), the room
         and the user must exist (NotFound). Demoting the last admin raises Conflict."""
+
+    async def remove_member(self, room_id: str, actor_id: str, user_id: str) -> None:
+        """Removes a member. The actor must be an admin of the room, or the member themself (to
+        leave) (Forbidden); the room must exist and the user be a member (NotFound). Removing the
+        last admin raises Conflict."""
+
+    async def delete_room(self, room_id: str, actor_id: str) -> None:
+        """Deletes the room and all its memberships atomically; its name becomes free. The actor
+        must be an admin (Forbidden); NotFound if there is no such room."""
+
+    async def get_room(self, room_id: str) -> tuple[Room, dict[str, Role]] | None:
+        """The room and its members (user_id -> role) at one revision, or None."""
+
+    async def register_node(self, peer_id: str, info: dict[str, object], ttl_s: int) -> NodeLease:
+        """Publishes a node (info: JSON-able, e.g. multiaddrs, http url) under a lease of `ttl_s`
+        seconds; it disappears unless kept alive. Registering again replaces the old record."""
+
+    async def list_nodes(self) -> dict[str, dict[str, object]]:
+        """peer_id -> info of every node whose lease is alive."""
+
+    async def remove_node(self, peer_id: str) -> None:
+        """Removes a node's record now (and revokes its lease). No error if it is not there."""
+
+    async def revision(self) -> int:
+        """The registry's current revision (a linearizable read). Raises Unavailable."""
 
     async def snapshot(self) -> RegistrySnapshot: ...
 
