@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sms.node.core.delivery import SeqTracker, decode_cursor, encode_cursor
+from sms.node.errors import BadRequest
+
+
+def test_contiguous_mark_advances_over_filled_gaps() -> None:
+    t = SeqTracker()
+    assert t.add("r", "a", 1) and t.add("r", "a", 3)
+    assert t.has_gaps("r") and t.contiguous("r", "a") == 1
+    assert not t.add("r", "a", 3)
+    assert t.add("r", "a", 2)
+    assert t.contiguous("r", "a") == 3 and not t.has_gaps()
+
+
+def test_settle_skips_burned_sequences() -> None:
+    t = SeqTracker()
+    t.add("r", "a", 1)
+    t.add("r", "a", 4)
+    t.settle("r", "a", 3)  # history holds nothing else up to 3: 2 and 3 were burned
+    assert t.contiguous("r", "a") == 4 and not t.has_gaps()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("rs"), st.sampled_from("abc"), st.integers(1, 30)), max_size=80))
+def test_tracker_agrees_with_a_set_model_and_cursors_round_trip(events) -> None:
+    t, model = SeqTracker(), set()
+    for room, origin, seq in events:
+        assert t.add(room, origin, seq) == ((room, origin, seq) not in model)
+        model.add((room, origin, seq))
+    back = decode_cursor(encode_cursor(t))
+    for room in "rs":
+        for origin in "abc":
+            for seq in range(1, 32):
+                assert back.seen(room, origin, seq) == ((room, origin, seq) in model) == t.seen(room, origin, seq)
+
+
+@pytest.mark.parametrize("bad", ["", "!!!", "AQ", "x" * 70000, encode_cursor(SeqTracker())[:-1] + "$"])
+def test_bad_cursors_are_client_errors(bad: str) -> None:
+    if bad == "":
+        assert decode_cursor(encode_cursor(SeqTracker())).state() == {}
+        with pytest.raises(BadRequest):
+            decode_cursor(bad)
+    else:
+        with pytest.raises(BadRequest):
+            decode_cursor(bad)
