@@ -39,17 +39,21 @@ async def _outcomes(*calls: Callable[[], Awaitable[Any]]) -> list[object]:
 
 
 async def changes_until_current(registry: Registry, from_revision: int) -> list[RegistryChange]:
-    """Every change the watch reports after `from_revision`, up to the registry's revision now."""
+    """Every change the watch reports after `from_revision`, up to the registry's revision now.
+
+    One transaction can report several changes at one revision, so reading "until revision R"
+    cannot stop at the first change at R: we write a marker (a node registration) after R and
+    read until a change beyond R arrives. The marker's own change is not returned."""
     target = await registry.revision()
+    lease = await registry.register_node("watch-marker", {}, 60)
     seen: list[RegistryChange] = []
-    if target <= from_revision:
-        return seen
     with trio.fail_after(WAIT_S):
         async with aclosing(registry.watch(from_revision)) as changes:  # type: ignore[type-var]
             async for change in changes:
-                seen.append(change)
-                if change.revision >= target:
+                if change.revision > target:
                     break
+                seen.append(change)
+    await lease.revoke()
     return seen
 
 
