@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from sms.crdt.hlc import pack
 from sms.crdt.lww import LWWMap, LWWRegister, MaxRegister
 
 ORIGINS = ["peerA", "peerB", "peerC"]
+
+# SMS_CRDT_FUZZ_SCALE=50 turns the quick CI run into a soak run without editing the tests.
+_SCALE = int(os.environ.get("SMS_CRDT_FUZZ_SCALE", "1"))
+
+
+def crdt_settings(max_examples: int) -> settings:
+    return settings(
+        max_examples=max_examples * _SCALE,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 origins = st.sampled_from(ORIGINS)
 # Few distinct timestamps so ties (the interesting case) happen often.

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from crdt_strategies import crdt_settings
 from sms.crdt.errors import CrdtError, InvalidTimestampError
 from sms.crdt.hlc import MAX_COUNTER, MAX_MS, MAX_TS, ClockDriftError, HybridClock, pack, unpack
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = crdt_settings(200)
 
 wall = st.integers(min_value=0, max_value=10**13)
 

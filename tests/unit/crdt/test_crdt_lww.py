@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
-from crdt_strategies import lww_maps, max_registers, registers, values
+from crdt_strategies import crdt_settings, lww_maps, max_registers, registers, values
 from sms.crdt.errors import CrdtValueError, InvalidTimestampError
 from sms.crdt.hlc import pack
 from sms.crdt.lww import LWWMap, LWWRegister, MaxRegister
 
-SETTINGS = settings(max_examples=150, deadline=None)
+SETTINGS = crdt_settings(150)
 
 
 # -- LWWRegister

@@ -3,16 +3,16 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from crdt_strategies import ROOM, op_universes
+from crdt_strategies import ROOM, crdt_settings, op_universes
 from sms.crdt.errors import CrdtConflictError, CrdtValueError
 from sms.crdt.hlc import pack
 from sms.crdt.roomlog import Delta, EditEntry, Entry, MessageEntry, RoomLog
 from sms.crdt.vv import SeqRange, VersionVector
 
-SETTINGS = settings(max_examples=100, deadline=None)
+SETTINGS = crdt_settings(100)
 
 
 def msg(mid: str, ms: int, origin: str = "A", seq: int = 1, body: str = "hello") -> MessageEntry:

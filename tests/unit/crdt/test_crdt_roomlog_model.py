@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from crdt_strategies import ROOM
+from crdt_strategies import ROOM, crdt_settings
 from sms.crdt.hlc import pack
 from sms.crdt.roomlog import Delta, EditEntry, Entry, MessageEntry, RoomLog
 from sms.crdt.vv import SeqRange, VersionVector
@@ -126,5 +126,5 @@ class RoomLogMachine(RuleBasedStateMachine):
             assert self.log.after(mid.position) == got[len(got) // 2 + 1 :]
 
 
-RoomLogMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+RoomLogMachine.TestCase.settings = settings(crdt_settings(60), stateful_step_count=30)
 TestRoomLogModel = RoomLogMachine.TestCase

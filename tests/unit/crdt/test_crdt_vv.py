@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from crdt_strategies import crdt_settings
 from sms.crdt.errors import CrdtValueError
 from sms.crdt.vv import Ordering, SeqRange, VersionVector
 
-SETTINGS = settings(max_examples=150, deadline=None)
+SETTINGS = crdt_settings(150)
 
 origins = st.sampled_from(["peerA", "peerB", "peerC", "peerD"])
 vvs = st.dictionaries(origins, st.integers(0, 20)).map(VersionVector)
