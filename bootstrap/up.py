@@ -24,6 +24,7 @@ from sms.node.adapters.p2p import load_or_create_identity
 
 Say = Callable[[str], None]
 STOP_DEADLINE_S = 10.0
+MAX_RESTARTS = 5
 
 
 @dataclass
@@ -223,8 +224,7 @@ def up(opts: UpOptions, say: Say, *, block: bool = True) -> Cluster:
             bootstrap = bootstrap or node.multiaddr
         say("[4/4] waiting for every node to be healthy ...")
         wait_healthy(cluster, opts.ready_timeout_s, say)
-        (data_dir / "cluster.json.tmp").write_text(json.dumps(cluster.describe(), indent=2) + "\n")
-        (data_dir / "cluster.json.tmp").replace(data_dir / "cluster.json")
+        _write_cluster_json(data_dir, cluster)
         say(f"cluster up in {time.monotonic() - t_start:.1f}s  (written {data_dir / 'cluster.json'})")
         for n in cluster.nodes:
             say(f"  {n.name}  {n.http}  peer {n.peer_id}\n          {n.multiaddr}")
@@ -232,11 +232,24 @@ def up(opts: UpOptions, say: Say, *, block: bool = True) -> Cluster:
         if not block:
             return cluster
         say("press Ctrl-C to stop")
+        restarts = [0] * len(cluster.nodes)
         while not stop_requested:
-            for n in cluster.nodes:
-                if n.proc.poll() is not None:
-                    say(f"! {n.name} exited with code {n.proc.returncode}; see {n.log_path}")
+            for i, n in enumerate(cluster.nodes):
+                if n.proc.poll() is None or stop_requested:
+                    continue
+                # A node that dies is restarted (its data and identity are on disk); one that keeps
+                # dying takes the cluster down with a pointer to its log.
+                restarts[i] += 1
+                if restarts[i] > MAX_RESTARTS:
+                    say(f"! {n.name} exited {restarts[i]} times (last code {n.proc.returncode}); see {n.log_path}")
                     stop_requested = True
+                    break
+                say(f"! {n.name} exited with code {n.proc.returncode}; restarting it (see {n.log_path})")
+                cluster.nodes[i] = start_node(
+                    index=i, opts=opts, etcd_url=cluster.etcd_url, db_dsn=cluster.db_dsn,
+                    secret_file=secret_file, bootstrap=None if i == 0 else cluster.nodes[0].multiaddr,
+                )
+                _write_cluster_json(data_dir, cluster)
             time.sleep(0.2)
         say("stopping ...")
         return cluster
@@ -246,6 +259,12 @@ def up(opts: UpOptions, say: Say, *, block: bool = True) -> Cluster:
             (data_dir / "cluster.json").unlink(missing_ok=True)
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def _write_cluster_json(data_dir: Path, cluster: Cluster) -> None:
+    tmp = data_dir / "cluster.json.tmp"
+    tmp.write_text(json.dumps(cluster.describe(), indent=2) + "\n")
+    tmp.replace(data_dir / "cluster.json")
 
 
 def _redact(dsn: str) -> str:

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import trio
 
+from .core.delivery import SeqTracker
 from .core.model import Message
 
 QUEUE_DEPTH = 4096
@@ -24,6 +25,8 @@ class Subscriber:
     receive: trio.MemoryReceiveChannel
     overflowed: bool = False
     closed_reason: str | None = None
+    # What this connection has been sent: dedupes, and is the cursor each event carries.
+    tracker: SeqTracker = field(default_factory=SeqTracker)
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Hub:
 
     def deliver(self, messages: Iterable[Message]) -> None:
         for m in messages:
-            self.publish_event(m.room_id, {"type": "message", **m.to_client()})
+            # _origin/_seq are for the connection's tracker; the gateway strips them.
+            self.publish_event(m.room_id, {"type": "message", **m.to_client(), "_origin": m.origin, "_seq": m.seq})
 
     def publish_event(self, room_id: str, event: dict) -> None:
         for user_id in self.members_of(room_id):

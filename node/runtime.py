@@ -38,6 +38,7 @@ from .registry_feed import serve_registry_cache
 from .adapters.p2p import P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
+from .core.delivery import SeqTracker
 from .core.envelope import FrameError, decode_frame, encode_frame
 from .core.model import Message, Role, Room, User
 from .core.names import validate_name, validate_password
@@ -46,6 +47,7 @@ from .core.rooms import (
     Deliver,
     Effect,
     FrameArrived,
+    HistoryFetched,
     Persist,
     PersistCompleted,
     PersistFailed,
@@ -125,6 +127,12 @@ class Node:
     started_at: float = field(default_factory=time.monotonic)
     etcd_ok: bool = False
     db_ok: bool = False
+    tracker: SeqTracker = field(default_factory=SeqTracker)
+    _ready_rooms: set[str] = field(default_factory=set)
+    _room_locks: dict[str, trio.Lock] = field(default_factory=dict)
+    _repair_wanted: trio.Event = field(default_factory=trio.Event)
+    repaired: int = 0
+    repaired_bytes: int = 0
 
     # -- accounts
 
@@ -192,7 +200,24 @@ class Node:
 
     # -- messages
 
+    async def ready_room(self, room_id: str) -> None:
+        """Before a node sends into or repairs a room it learns, from history, where its own origin
+        sequence continues and what has been delivered already (nothing older is replayed)."""
+        if room_id in self._ready_rooms:
+            return
+        lock = self._room_locks.setdefault(room_id, trio.Lock())
+        async with lock:
+            if room_id in self._ready_rooms:
+                return
+            vector = await self.history.version_vector(room_id)
+            self.core.set_next_seq(room_id, vector.get(self.core.origin, 0) + 1)
+            for origin, seq in vector.items():
+                self.tracker.settle(room_id, origin, seq)
+            self._ready_rooms.add(room_id)
+
     async def send(self, user_id: str, room_id: str, txn_id: str, body: object) -> Message:
+        if self.cache.room(room_id) is not None:
+            await self.ready_room(room_id)
         event = SendRequested(next(self._request_ids), user_id, room_id, txn_id, body, wall_ms())  # type: ignore[arg-type]
         result = await self._carry_out(self.core.step(event))
         assert result is not None, "the core must reply to every send"
@@ -229,7 +254,65 @@ class Node:
 
     def _deliver(self, messages) -> None:
         self.metrics.delivered.inc(len(messages))
+        for m in messages:
+            self.tracker.add(m.room_id, m.origin, m.seq)
+            if self.tracker.has_gaps(m.room_id):
+                self._repair_wanted.set()
         self.hub.deliver(messages)
+
+    async def repair_room(self, room_id: str) -> int:
+        """Pulls from history whatever this node has not delivered of a room; returns how many."""
+        await self.ready_room(room_id)
+        vector = await self.history.version_vector(room_id)
+        pulled = 0
+        for origin, upto in vector.items():
+            while self.tracker.contiguous(room_id, origin) < upto:
+                after = self.tracker.contiguous(room_id, origin)
+                batch = await self.history.messages_after(room_id, origin, after, 500)
+                self.repaired_bytes += sum(len(m.body.encode()) + 96 for m in batch)  # ~row size
+                for effect in self.core.step(HistoryFetched(tuple(batch))):
+                    if isinstance(effect, Deliver):
+                        pulled += len(effect.messages)
+                        self._deliver(effect.messages)
+                for m in batch:
+                    self.tracker.add(room_id, origin, m.seq)
+                if len(batch) < 500:
+                    # History holds nothing more up to `upto`: what is still missing was burned.
+                    self.tracker.settle(room_id, origin, upto)
+                    break
+        self.repaired += pulled
+        return pulled
+
+    async def catch_up(self, seen: SeqTracker, rooms: set[str]) -> list[Message]:
+        """Everything in `rooms` that history holds and `seen` has not, in history order."""
+        missing: list[Message] = []
+        for room_id in rooms:
+            vector = await self.history.version_vector(room_id)
+            for origin, upto in vector.items():
+                after = seen.contiguous(room_id, origin)
+                while after < upto:
+                    batch = await self.history.messages_after(room_id, origin, after, 500)
+                    missing.extend(m for m in batch if m.body and not seen.seen(room_id, origin, m.seq))
+                    if len(batch) < 500:
+                        break
+                    after = batch[-1].seq
+        missing.sort(key=lambda m: (m.ts, m.origin, m.message_id))
+        return missing
+
+    async def serve_repair(self, period_s: float = 2.0) -> None:
+        """Anti-entropy against history: at once when a gap shows, and every `period_s` anyway
+        (which also covers a peer that was unreachable, and a node that restarted)."""
+        while True:
+            with trio.move_on_after(period_s):
+                await self._repair_wanted.wait()
+                await trio.sleep(0.2)  # a gap often closes by itself: frames overtake each other
+            self._repair_wanted = trio.Event()
+            for room in self.cache.all_rooms():
+                try:
+                    await self.repair_room(room.room_id)
+                except SmsError as err:
+                    log.warning("repair of room %s failed: %s", room.room_id, err.message)
+                    break
 
     def _enqueue_publish(self, effect: Publish) -> None:
         assert self._outbox_send is not None
@@ -313,6 +396,8 @@ class Node:
             "topics": self.p2p.topics,
             "registry_revision": self.cache.revision,
             "websocket_connections": self.hub.connections,
+            "repaired_messages": self.repaired,
+            "repaired_bytes": self.repaired_bytes,
             "health": self.health(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "p2p": vars(self.p2p.stats),
@@ -337,8 +422,14 @@ class Node:
             rooms = {r.room_id for r in self.cache.all_rooms()}
             for room_id in rooms - joined:
                 await self.p2p.join_room(room_id)
+                try:
+                    await self.ready_room(room_id)
+                except SmsError as err:
+                    log.warning("room %s not ready yet: %s", room_id, err.message)
             for room_id in joined - rooms:
                 await self.p2p.leave_room(room_id)
+                self._ready_rooms.discard(room_id)
+                self.tracker.drop_room(room_id)
             joined = rooms
             await trio.sleep(0.05)
 
@@ -385,6 +476,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node.serve_publisher, receive)
                 nursery.start_soon(node.serve_health_probes)
                 nursery.start_soon(node.serve_room_joins)
+                nursery.start_soon(node.serve_repair)
                 yield node
                 nursery.cancel_scope.cancel()
         finally:

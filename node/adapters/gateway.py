@@ -13,12 +13,14 @@ import trio
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
-from ..errors import PayloadTooLarge, RateLimited, SmsError, Unauthorized
+from ..core.delivery import decode_cursor, encode_cursor
+from ..errors import BadRequest, PayloadTooLarge, RateLimited, SmsError, Unauthorized
 
 log = logging.getLogger("sms.gateway")
 
@@ -183,17 +185,21 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     # -- events
 
     @app.websocket("/v1/events")
-    async def events(ws: WebSocket, token: str | None = None) -> None:
+    async def events(ws: WebSocket, token: str | None = None, since: str | None = None) -> None:
         try:
             user_id = await node.authenticate(token)
-        except Unauthorized as err:
+            resume = decode_cursor(since) if since else None
+        except (Unauthorized, BadRequest) as err:
             await ws.close(code=WS_CLOSE_POLICY, reason=err.message[:120])
             return
         except SmsError as err:
             await ws.close(code=WS_CLOSE_TRY_AGAIN, reason=err.message[:120])
             return
         await ws.accept()
+        # Subscribe first, so nothing that arrives during the catch-up is missed; the connection's
+        # tracker then drops whatever the catch-up already sent.
         sub = node.hub.connect(user_id)
+        rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
         try:
             async with trio.open_nursery() as nursery:
 
@@ -207,8 +213,25 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(drain_client)
-                async for event in sub.receive:
+
+                async def push(event: dict) -> None:
+                    if event.get("type") == "message":
+                        if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
+                            return  # sent already: exactly once per connection
+                        event = {k: v for k, v in event.items() if not k.startswith("_")}
+                        event["cursor"] = encode_cursor(sub.tracker)
                     await ws.send_text(json.dumps(event, separators=(",", ":")))
+
+                if resume is None:
+                    sub.tracker.copy_rooms(node.tracker, rooms)
+                else:
+                    sub.tracker = resume
+                    fresh = {r for r in rooms if not resume.knows_room(r)}
+                    sub.tracker.copy_rooms(node.tracker, fresh)
+                    for message in await node.catch_up(resume, rooms - fresh):
+                        await push({"type": "message", **message.to_client(), "_origin": message.origin, "_seq": message.seq})
+                async for event in sub.receive:
+                    await push(event)
                 if sub.overflowed:
                     await ws.close(code=WS_CLOSE_TRY_AGAIN, reason="too slow; resume from your cursor")
                 elif sub.closed_reason:
@@ -225,6 +248,9 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         if page.exists():
             return FileResponse(page)
         return PlainTextResponse("sms node: see /docs for the API\n")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the web page's app.js, style.css
 
     return app
 

@@ -14,6 +14,7 @@ contract:
                                                                       the database committed; peers and
                                                                       local clients see it after that too
     PersistFailed         Reply(request, error)                       nothing was stored, nothing is sent
+    HistoryFetched        Deliver(new messages)                       gap repair; deduplicated
     FrameArrived          Deliver(new messages)                       validated, deduplicated
                           or Reject(peer, reason)                     bad frames are the peer's fault
 
@@ -78,7 +79,15 @@ class FrameArrived:
     now_ms: int
 
 
-Event = Union[SendRequested, PersistCompleted, PersistFailed, FrameArrived]
+@dataclass(frozen=True, slots=True)
+class HistoryFetched:
+    """Messages pulled from history by gap repair (trusted: the database only holds what some
+    node authorised and persisted)."""
+
+    messages: tuple[Message, ...]
+
+
+Event = Union[SendRequested, PersistCompleted, PersistFailed, FrameArrived, HistoryFetched]
 
 # --- effects --------------------------------------------------------------------------------------
 
@@ -157,6 +166,10 @@ class RoomCore:
             return [Reply(event.request_id, error=event.error)]
         if isinstance(event, FrameArrived):
             return self._frame_arrived(event)
+        if isinstance(event, HistoryFetched):
+            # A deleted message comes back with an empty body: mark it seen, show nothing.
+            new = tuple(m for m in event.messages if self._remember(m.message_id) and m.body)
+            return [Deliver(new)] if new else []
         raise TypeError(f"unknown event {event!r}")
 
     # -- sending
