@@ -92,8 +92,10 @@ def node(
 
 from sms.benchmarks.cli import register as _register_bench  # noqa: E402
 from sms.cli.client import register as _register_client  # noqa: E402
+from sms.cli.ops import register as _register_ops  # noqa: E402
 
 _register_client(app)
+_register_ops(app)
 _register_bench(app)
 
 if __name__ == "__main__":

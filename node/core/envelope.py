@@ -21,6 +21,12 @@ VERSION = 1
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES_PER_FRAME = 4096
 KIND_MESSAGES = 1
+KIND_EDITS = 2      # items: (message_id, actor, op, body, ts); op "edit" or "delete"
+KIND_TYPING = 3     # items: (user_id, typing, ts)
+KIND_READ = 4       # items: (user_id, message_id, ts)
+KIND_PRESENCE = 5   # room_id "", items: (user_id, status, ts)
+KINDS = (KIND_MESSAGES, KIND_EDITS, KIND_TYPING, KIND_READ, KIND_PRESENCE)
+PRESENCE_STATUSES = ("online", "away", "offline")
 _MAX_ID = 64
 
 
@@ -33,7 +39,43 @@ class Frame:
     kind: int
     room_id: str
     origin: str
-    messages: tuple[Message, ...]
+    messages: tuple[Message, ...] = ()
+    ops: tuple[tuple, ...] = ()  # the items of the non-message kinds, validated per kind
+
+
+def encode_ops(kind: int, room_id: str, origin: str, ops: list[tuple] | tuple[tuple, ...]) -> bytes:
+    assert kind in KINDS and kind != KIND_MESSAGES
+    return bytes([VERSION]) + msgpack.packb([kind, room_id, origin, [list(o) for o in ops]], use_bin_type=True)
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise FrameError(f"bad {what}")
+    return value
+
+
+def _decode_op(kind: int, item: object) -> tuple:
+    if kind == KIND_EDITS:
+        if not isinstance(item, list) or len(item) != 5:
+            raise FrameError("bad edit tuple")
+        message_id, actor, op, text, ts = item
+        if op not in ("edit", "delete"):
+            raise FrameError("bad edit op")
+        text = _str(text, "body", MAX_BODY_BYTES)
+        return (_str(message_id, "message id"), _str(actor, "actor"), op, text, _int(ts, "timestamp"))
+    if kind == KIND_TYPING:
+        if not isinstance(item, list) or len(item) != 3:
+            raise FrameError("bad typing tuple")
+        return (_str(item[0], "user id"), _bool(item[1], "typing flag"), _int(item[2], "timestamp"))
+    if kind == KIND_READ:
+        if not isinstance(item, list) or len(item) != 3:
+            raise FrameError("bad read tuple")
+        return (_str(item[0], "user id"), _str(item[1], "message id"), _int(item[2], "timestamp"))
+    if kind == KIND_PRESENCE:
+        if not isinstance(item, list) or len(item) != 3 or item[1] not in PRESENCE_STATUSES:
+            raise FrameError("bad presence tuple")
+        return (_str(item[0], "user id"), item[1], _int(item[2], "timestamp"))
+    raise FrameError(f"unknown frame kind {kind!r}")
 
 
 def encode_frame(room_id: str, origin: str, messages: list[Message] | tuple[Message, ...]) -> bytes:
@@ -73,12 +115,14 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(body, list) or len(body) != 4:
         raise FrameError("frame is not a 4-list")
     kind, room_id, origin, items = body
-    if kind != KIND_MESSAGES:
+    if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind!r}")
     room_id = _str(room_id, "room id")
     origin = _str(origin, "origin", 128)
     if not isinstance(items, list) or len(items) > MAX_MESSAGES_PER_FRAME:
-        raise FrameError("bad message list")
+        raise FrameError("bad item list")
+    if kind != KIND_MESSAGES:
+        return Frame(kind=kind, room_id=room_id, origin=origin, ops=tuple(_decode_op(kind, i) for i in items))
     messages = []
     for item in items:
         if not isinstance(item, list) or len(item) != 7:
