@@ -21,14 +21,17 @@ class RegistrySnapshot:
     rooms: dict[str, Room] = field(default_factory=dict)          # room_id -> Room
     members: dict[str, dict[str, Role]] = field(default_factory=dict)  # room_id -> user_id -> role
     sessions: dict[str, str] = field(default_factory=dict)        # token hash -> user_id
+    nodes: dict[str, dict] = field(default_factory=dict)          # peer_id -> node info (live leases)
 
 
 @dataclass(frozen=True, slots=True)
 class RegistryChange:
-    """One change seen by the watch. kind: user | room | member | session; deleted: the key went away.
+    """One change seen by the watch. kind: user | room | member | session | node; deleted: the key
+    went away (removed, or its lease expired or was revoked).
 
     key and value by kind: user (user_id,) -> User; room (room_id,) -> Room; member
-    (room_id, user_id) -> Role; session (token_hash,) -> user_id.
+    (room_id, user_id) -> Role; session (token_hash,) -> user_id; node (peer_id,) -> info dict
+    (what register_node published; a node registering again is a new put with its new info).
 
     kind "progress" (key (), value None) says only "nothing else changed up to `revision`": the
     watch sends it for changes a cache does not hold and when etcd reports progress, so a cache's

@@ -192,8 +192,8 @@ class _Keys:
         return self._k("nodes", "")
 
     def parse(self, key: bytes) -> tuple[str, tuple[str, ...]] | None:
-        """(kind, key parts) for a key the cache holds; None for the others (indexes, guards,
-        nodes) and for foreign keys."""
+        """(kind, key parts) for a key the cache holds; None for the others (name indexes, admin
+        guards) and for foreign keys."""
         text = key.decode(errors="replace")
         if not text.startswith(self.prefix):
             return None
@@ -208,6 +208,8 @@ class _Keys:
             room_id, sep, user_id = rest[len("members/"):].partition("/")
             if sep and room_id and user_id:
                 return "member", (room_id, user_id)
+        if rest.startswith("nodes/") and len(rest) > len("nodes/"):
+            return "node", (rest[len("nodes/"):],)
         return None
 
 
@@ -223,7 +225,23 @@ def _decode(kind: str, parts: tuple[str, ...], value: bytes) -> object:
         return role
     if kind == "session":
         return value.decode()
+    if kind == "node":
+        return _decode_node(parts[0], value)
     raise AssertionError(kind)
+
+
+def _decode_node(peer_id: str, value: bytes) -> dict[str, object]:
+    """A node's info. The key's presence is what admits the node; its value only describes it, so
+    a record someone wrote by hand that is not a JSON object is kept as {} (with a warning)
+    rather than taking down every node's registry feed."""
+    try:
+        info = json.loads(value)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        log.warning("etcd holds a node record for %s that is not a JSON object; treating it as {}", peer_id)
+        return {}
+    return info
 
 
 def _role_of(kvs: Sequence[Any]) -> Role | None:
@@ -783,7 +801,11 @@ class EtcdRegistry:
     async def list_nodes(self) -> dict[str, dict[str, object]]:
         prefix = self._keys.nodes()
         _, (kvs,) = await self._read(_get(prefix, prefix=True))
-        return {kv.key[len(prefix):].decode(): json.loads(kv.value) for kv in kvs}
+        out = {}
+        for kv in kvs:
+            peer_id = kv.key[len(prefix):].decode()
+            out[peer_id] = _decode_node(peer_id, kv.value)
+        return out
 
     async def remove_node(self, peer_id: str) -> None:
         key = self._keys.node(peer_id)
@@ -823,7 +845,7 @@ class EtcdRegistry:
         start = root
         revision = 0
         snap = RegistrySnapshot(revision=0)
-        users, rooms, members, sessions = snap.users, snap.rooms, snap.members, snap.sessions
+        users, rooms, members, sessions, nodes = snap.users, snap.rooms, snap.members, snap.sessions, snap.nodes
         while True:
             req = etcdrpc.RangeRequest(key=start, range_end=end, limit=SNAPSHOT_PAGE, revision=revision)
             resp = await self._range(req)
@@ -843,10 +865,14 @@ class EtcdRegistry:
                     members.setdefault(parts[0], {})[parts[1]] = value  # type: ignore[assignment]
                 elif kind == "session":
                     sessions[parts[0]] = value  # type: ignore[assignment]
+                elif kind == "node":
+                    nodes[parts[0]] = value  # type: ignore[assignment]
             if not resp.more or not resp.kvs:
                 break
             start = resp.kvs[-1].key + b"\0"
-        return RegistrySnapshot(revision=revision, users=users, rooms=rooms, members=members, sessions=sessions)
+        return RegistrySnapshot(
+            revision=revision, users=users, rooms=rooms, members=members, sessions=sessions, nodes=nodes
+        )
 
     async def watch(self, from_revision: int) -> AsyncIterator[RegistryChange]:
         """Changes under the prefix after `from_revision`, in revision order, as RegistryChange
@@ -933,6 +959,6 @@ class EtcdRegistry:
             else:
                 out.append(RegistryChange(revision=revision, kind=kind, key=parts, value=_decode(kind, parts, kv.value)))
         if newest > (out[-1].revision if out else last):
-            # Keys the cache does not hold (indexes, guards, nodes) changed: say how far we got.
+            # Keys the cache does not hold (name indexes, guards) changed: say how far we got.
             out.append(RegistryChange(revision=newest, kind="progress", key=(), value=None))
         return out

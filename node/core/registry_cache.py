@@ -1,4 +1,5 @@
-"""Each node's copy of the registry (accounts, sessions, rooms, membership), fed by the etcd watch.
+"""Each node's copy of the registry (accounts, sessions, rooms, membership, admitted nodes), fed by
+the etcd watch.
 
 Theory of operation
 -------------------
@@ -26,11 +27,24 @@ Changes by kind:
     room      (room_id,)             Room            room gone, and with it its members
     member    (room_id, user_id)     Role            membership gone
     session   (token_hash,)          user_id         logged out / expired
+    node      (peer_id,)             info dict       removed by an operator / lease expired or revoked
     progress  ()                     None            nothing but the revision moves
     other     -                      -               revision moves, nothing else (forward compat)
+
+Admission. A peer is one of ours exactly while its `nodes/<peer_id>` key exists, i.e. while its
+lease is alive: `admitted(peer_id)`. An operator's `sms nodes remove` deletes the key, and every
+node's cache drops the peer with that one change (a live node re-registers within TTL/3; removal
+is meant for dead or unwanted ones, whose cluster secret must then be rotated to keep them out).
+
+Sessions per user. `has_session(user_id)` answers "does this user have a live session anywhere"
+from a reverse index user -> number of sessions, kept in step on every session put and delete (a
+put over an existing token moves the count from the old user to the new one, so re-applying the
+changes of one transaction leaves the counts right).
 """
 
 from __future__ import annotations
+
+import copy
 
 from ..ports import RegistryChange, RegistrySnapshot
 from .model import ROLES, Role, Room, User
@@ -53,6 +67,8 @@ class RegistryCache:
         self._members: dict[str, dict[str, Role]] = {}   # room_id -> user_id -> role
         self._rooms_by_user: dict[str, set[str]] = {}    # user_id -> room_ids
         self._sessions: dict[str, str] = {}              # token hash -> user_id
+        self._session_count: dict[str, int] = {}         # user_id -> live sessions (> 0 only)
+        self._nodes: dict[str, dict] = {}                # peer_id -> node info
 
     # -- feeding
 
@@ -66,7 +82,9 @@ class RegistryCache:
         for room_id, members in snapshot.members.items():
             for user_id, role in members.items():
                 self._put_member(room_id, user_id, role)
-        self._sessions = dict(snapshot.sessions)
+        for token_hash, user_id in snapshot.sessions.items():
+            self._put_session(token_hash, user_id)
+        self._nodes = copy.deepcopy(snapshot.nodes)
         self._revision = self._loaded_at = snapshot.revision
         self._loaded = True
 
@@ -100,10 +118,17 @@ class RegistryCache:
         elif kind == "session":
             (token_hash,) = key
             if change.deleted:
-                self._sessions.pop(token_hash, None)
+                self._drop_session(token_hash)
             else:
                 assert isinstance(value, str), value
-                self._sessions[token_hash] = value
+                self._put_session(token_hash, value)
+        elif kind == "node":
+            (peer_id,) = key
+            if change.deleted:
+                self._nodes.pop(peer_id, None)
+            else:
+                assert isinstance(value, dict), value
+                self._nodes[peer_id] = copy.deepcopy(value)
         # "progress" and kinds we do not know only move the revision.
         return True
 
@@ -127,6 +152,19 @@ class RegistryCache:
 
     def session_user(self, token_hash: str) -> str | None:
         return self._sessions.get(token_hash)
+
+    def has_session(self, user_id: str) -> bool:
+        """Whether the user has at least one live session (on any node). O(1)."""
+        return user_id in self._session_count
+
+    def admitted(self, peer_id: str) -> bool:
+        """Whether `peer_id` is one of the cluster's nodes: its registration (on a live lease) is
+        in the registry. O(1); safe to call from a connection gate or a validator."""
+        return peer_id in self._nodes
+
+    def nodes(self) -> dict[str, dict]:
+        """peer_id -> node info of every admitted node (a deep copy)."""
+        return copy.deepcopy(self._nodes)
 
     def room(self, room_id: str) -> Room | None:
         return self._rooms.get(room_id)
@@ -175,6 +213,7 @@ class RegistryCache:
             rooms=dict(self._rooms),
             members=members,
             sessions=dict(self._sessions),
+            nodes=copy.deepcopy(self._nodes),
         )
 
     # -- internals
@@ -190,6 +229,21 @@ class RegistryCache:
         old = self._users.pop(user_id, None)
         if old is not None and self._user_by_name.get(old.name) == user_id:
             del self._user_by_name[old.name]
+
+    def _put_session(self, token_hash: str, user_id: str) -> None:
+        self._drop_session(token_hash)
+        self._sessions[token_hash] = user_id
+        self._session_count[user_id] = self._session_count.get(user_id, 0) + 1
+
+    def _drop_session(self, token_hash: str) -> None:
+        user_id = self._sessions.pop(token_hash, None)
+        if user_id is None:
+            return
+        left = self._session_count.get(user_id, 0) - 1
+        if left > 0:
+            self._session_count[user_id] = left
+        else:
+            self._session_count.pop(user_id, None)
 
     def _put_room(self, room: Room) -> None:
         old = self._rooms.get(room.room_id)

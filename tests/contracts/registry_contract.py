@@ -247,6 +247,48 @@ class RegistryContract:
         await registry.remove_node("peer-b")
         assert await registry.list_nodes() == {}
 
+    async def test_nodes_in_snapshot_and_watch(self, registry: Registry) -> None:
+        start = (await registry.snapshot()).revision
+        lease_a = await registry.register_node("peer-a", {"addrs": ["/ip4/127.0.0.1/tcp/1"]}, 30)
+        await registry.register_node("peer-b", {"http": "b"}, 30)
+        await registry.register_node("peer-b", {"http": "b2"}, 30)
+        snap = await registry.snapshot()
+        assert snap.nodes == {"peer-a": {"addrs": ["/ip4/127.0.0.1/tcp/1"]}, "peer-b": {"http": "b2"}}
+        assert snap.nodes == await registry.list_nodes()
+        await lease_a.revoke()
+        await registry.remove_node("peer-b")
+        assert (await registry.snapshot()).nodes == {}
+        await registry.create_user("marker-user", "h")
+        changes = await changes_until_current(registry, start)
+        nodes = [(c.key, c.value, c.deleted) for c in changes if c.kind == "node"]
+        assert nodes == [
+            (("peer-a",), {"addrs": ["/ip4/127.0.0.1/tcp/1"]}, False),
+            (("peer-b",), {"http": "b"}, False),
+            (("peer-b",), {"http": "b2"}, False),
+            (("peer-a",), None, True),  # revoked
+            (("peer-b",), None, True),  # removed by an operator
+        ]
+
+    async def test_expired_leases_are_deletions_in_the_watch(self, registry: Registry) -> None:
+        """A node (or session) whose lease runs out vanishes from the snapshot, and every watch
+        reports it as a deletion without anything else happening. (etcd rounds a 1 s TTL up to its
+        minimum, about 2 s.)"""
+        alice = await registry.create_user("alice", "h")
+        start = await registry.revision()
+        await registry.register_node("peer-short", {"v": 1}, 1)
+        await registry.create_session("s-short", alice.user_id, 1)
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        with trio.fail_after(WAIT_S):
+            async with aclosing(registry.watch(start)) as changes:  # type: ignore[type-var]
+                async for change in changes:
+                    if change.deleted:
+                        seen.add((change.kind, change.key))
+                    if seen == {("node", ("peer-short",)), ("session", ("s-short",))}:
+                        break
+        snap = await registry.snapshot()
+        assert snap.nodes == {} and snap.sessions == {}
+        assert await registry.list_nodes() == {}
+
     async def test_node_info_must_be_json(self, registry: Registry) -> None:
         with pytest.raises(BadRequest):
             await registry.register_node("peer-a", {"x": object()}, 30)
@@ -303,21 +345,31 @@ class RegistryContract:
         await registry.delete_room(r2.room_id, bob.user_id)
         await registry.delete_session("s-alice")
         await registry.create_session("s-bob", bob.user_id, 60)
-        await registry.register_node("peer-a", {}, 30)
+        await registry.create_session("s-bob-2", bob.user_id, 60)
+        await registry.register_node("peer-a", {"http": "a"}, 30)
+        gone = await registry.register_node("peer-b", {}, 30)
+        await registry.register_node("peer-c", {}, 30)
+        await registry.register_node("peer-a", {"http": "a2"}, 30)  # re-registers with new info
+        await gone.revoke()
+        await registry.remove_node("peer-c")
         await registry.create_user("dave", "h")
         changes = await changes_until_current(registry, first.revision)
         for change in changes:
             cache.apply(change)
         expected = await registry.snapshot()
         got = cache.snapshot()
-        assert (got.users, got.rooms, got.members, got.sessions) == (
+        assert (got.users, got.rooms, got.members, got.sessions, got.nodes) == (
             expected.users,
             expected.rooms,
             expected.members,
             expected.sessions,
+            expected.nodes,
         )
+        assert expected.nodes == {"peer-a": {"http": "a2"}}
         assert cache.rooms_of(alice.user_id) == [(r1, "member")]
         assert cache.role(r1.room_id, carol.user_id) == "admin"
+        assert cache.admitted("peer-a") and not cache.admitted("peer-b") and not cache.admitted("peer-c")
+        assert cache.has_session(bob.user_id) and not cache.has_session(alice.user_id)
 
     # -- concurrency: exactly one winner, never zero admins
 

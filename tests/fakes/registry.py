@@ -4,10 +4,16 @@ It earns its place by passing the same contract suite as EtcdRegistry
 (tests/contracts/registry_contract.py). Every operation is atomic (no await between its checks and
 its writes), so "exactly one winner" holds by construction, as in etcd's transactions.
 
+Leases (sessions, nodes) expire by trio's clock (so the mock clock drives them), and an expiry is
+a deletion the watch reports, as in etcd: one revision per expired lease. The fake has no timer of
+its own; expired leases are swept at the start of every call and by every running watch when the
+nearest lease deadline passes, which is when etcd's lessor would revoke them (etcd may be up to a
+few hundred ms later).
+
 Differences from etcd, on purpose:
-- Leases (sessions, nodes) expire by trio's clock and only lazily: an expired session is not
-  returned and not listed, but no watch event announces the expiry. `expire_session()` deletes
-  one with an event, as an etcd lease expiry would.
+- etcd raises a TTL below its minimum (about 1.5 s with default election settings); the fake
+  takes any TTL >= 1 s literally.
+- `expire_session()` / `expire_node()` delete one at once with an event, as an expiry would.
 - Test levers: `set_unavailable(True)` makes every call raise Unavailable; `break_watches()` makes
   every running watch raise Unavailable; `compact()` makes watches from older revisions raise.
 """
@@ -56,7 +62,7 @@ class FakeNodeLease:
         node = self.registry._nodes.get(self.peer_id)
         if node is not None and node[1] is self._lease:
             del self.registry._nodes[self.peer_id]
-            self.registry._commit([])
+            self.registry._commit([("node", (self.peer_id,), None, True)])
 
 
 class FakeRegistry:
@@ -98,6 +104,12 @@ class FakeRegistry:
         if self._sessions.pop(token_hash, None) is not None:
             self._commit([("session", (token_hash,), None, True)])
 
+    def expire_node(self, peer_id: str) -> None:
+        node = self._nodes.pop(peer_id, None)
+        if node is not None:
+            node[1].alive = False
+            self._commit([("node", (peer_id,), None, True)])
+
     # -- internals
 
     def _check(self) -> None:
@@ -105,6 +117,22 @@ class FakeRegistry:
             raise Unavailable("the fake registry is switched off")
         if self.closed:
             raise Unavailable("this registry is closed")
+        self._expire()
+
+    def _expire(self) -> None:
+        """Deletes every key whose lease ran out, one revision each (etcd revokes lease by lease)."""
+        for token_hash, (_, lease) in list(self._sessions.items()):
+            if not lease.live():
+                del self._sessions[token_hash]
+                self._commit([("session", (token_hash,), None, True)])
+        for peer_id, (_, lease) in list(self._nodes.items()):
+            if not lease.live():
+                del self._nodes[peer_id]
+                self._commit([("node", (peer_id,), None, True)])
+
+    def _next_deadline(self) -> float:
+        leases = [lease for _, lease in self._sessions.values()] + [lease for _, lease in self._nodes.values()]
+        return min((lease.deadline for lease in leases if lease.alive), default=float("inf"))
 
     def _wake(self) -> None:
         self._changed.set()
@@ -264,7 +292,7 @@ class FakeRegistry:
         if old is not None:
             old[1].alive = False
         self._nodes[peer_id] = (info, lease)
-        self._commit([])
+        self._commit([("node", (peer_id,), json.loads(json.dumps(info)), False)])
         return FakeNodeLease(self, peer_id, ttl_s, lease)
 
     async def list_nodes(self) -> dict[str, dict[str, object]]:
@@ -276,7 +304,7 @@ class FakeRegistry:
         node = self._nodes.pop(peer_id, None)
         if node is not None:
             node[1].alive = False
-            self._commit([])
+            self._commit([("node", (peer_id,), None, True)])
 
     async def revision(self) -> int:
         self._check()
@@ -293,6 +321,7 @@ class FakeRegistry:
             rooms=dict(self._rooms),
             members={rid: dict(ms) for rid, ms in self._members.items() if ms},
             sessions={th: uid for th, (uid, lease) in self._sessions.items() if lease.live()},
+            nodes={p: json.loads(json.dumps(info)) for p, (info, lease) in self._nodes.items() if lease.live()},
         )
 
     async def watch(self, from_revision: int) -> AsyncIterator[RegistryChange]:
@@ -310,4 +339,8 @@ class FakeRegistry:
                 yield change
             if self._epoch != epoch:
                 raise Unavailable("the fake registry broke this watch")
-            await self._changed.wait()
+            changed = self._changed
+            with trio.move_on_at(self._next_deadline()):
+                await changed.wait()
+            if not changed.is_set() and not self._unavailable and not self.closed:
+                self._expire()  # a lease ran out while nothing else happened

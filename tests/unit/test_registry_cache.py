@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import aclosing
 
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,7 @@ def loaded(revision: int = 10) -> RegistryCache:
             rooms={GENERAL.room_id: GENERAL},
             members={GENERAL.room_id: {ALICE.user_id: "admin", BOB.user_id: "member"}},
             sessions={"th-alice": ALICE.user_id},
+            nodes={"peer-a": {"addrs": ["/ip4/127.0.0.1/tcp/4101"]}},
         )
     )
     return cache
@@ -39,6 +41,7 @@ def test_empty_cache() -> None:
     assert not cache.loaded and cache.revision == 0
     assert cache.room("x") is None and cache.all_rooms() == [] and cache.members("x") == {}
     assert not cache.is_member("x", "y") and cache.rooms_of("y") == []
+    assert not cache.admitted("peer-a") and cache.nodes() == {} and not cache.has_session("u")
 
 
 def test_load_and_queries() -> None:
@@ -55,6 +58,9 @@ def test_load_and_queries() -> None:
     assert not cache.is_member(GENERAL.room_id, "u-carol")
     assert cache.members(GENERAL.room_id) == {ALICE.user_id: "admin", BOB.user_id: "member"}
     assert cache.rooms_of(BOB.user_id) == [(GENERAL, "member")]
+    assert cache.admitted("peer-a") and not cache.admitted("peer-x")
+    assert cache.nodes() == {"peer-a": {"addrs": ["/ip4/127.0.0.1/tcp/4101"]}}
+    assert cache.has_session(ALICE.user_id) and not cache.has_session(BOB.user_id)
 
 
 def test_load_replaces_everything() -> None:
@@ -62,12 +68,58 @@ def test_load_replaces_everything() -> None:
     cache.load(RegistrySnapshot(revision=3))
     assert cache.revision == 3 and cache.all_rooms() == [] and cache.user(ALICE.user_id) is None
     assert cache.session_user("th-alice") is None and cache.rooms_of(BOB.user_id) == []
+    assert not cache.admitted("peer-a") and not cache.has_session(ALICE.user_id)
 
 
 def test_queries_return_copies() -> None:
     cache = loaded()
     cache.members(GENERAL.room_id)[BOB.user_id] = "admin"
     assert cache.role(GENERAL.room_id, BOB.user_id) == "member"
+    cache.nodes()["peer-a"]["addrs"].append("/ip4/6.6.6.6/tcp/1")
+    cache.nodes()["peer-evil"] = {}
+    assert cache.nodes() == {"peer-a": {"addrs": ["/ip4/127.0.0.1/tcp/4101"]}}
+
+
+def test_cache_keeps_its_own_copy_of_node_info() -> None:
+    info: dict = {"addrs": ["a"]}
+    cache = loaded()
+    cache.apply(RegistryChange(11, "node", ("peer-b",), info))
+    info["addrs"].append("b")
+    snap = RegistrySnapshot(revision=3, nodes={"peer-c": info})
+    other = RegistryCache()
+    other.load(snap)
+    info["addrs"].append("c")
+    assert cache.nodes()["peer-b"] == {"addrs": ["a"]} and other.nodes()["peer-c"] == {"addrs": ["a", "b"]}
+
+
+def test_node_admission_follows_the_watch() -> None:
+    cache = loaded()
+    assert cache.apply(RegistryChange(11, "node", ("peer-b",), {"http": "b"}))
+    assert cache.admitted("peer-b") and cache.nodes()["peer-b"] == {"http": "b"}
+    cache.apply(RegistryChange(12, "node", ("peer-b",), {"http": "b2"}))  # registered again
+    assert cache.nodes()["peer-b"] == {"http": "b2"}
+    cache.apply(RegistryChange(13, "node", ("peer-a",), None, deleted=True))  # lease expired
+    assert not cache.admitted("peer-a") and set(cache.nodes()) == {"peer-b"}
+    cache.apply(RegistryChange(13, "node", ("peer-a",), None, deleted=True))  # harmless again
+    cache.apply(RegistryChange(14, "node", ("peer-x",), None, deleted=True))  # never seen: harmless
+    assert set(cache.nodes()) == {"peer-b"}
+    assert cache.snapshot().nodes == {"peer-b": {"http": "b2"}}
+
+
+def test_has_session_counts_sessions_per_user() -> None:
+    cache = loaded()
+    cache.apply(RegistryChange(11, "session", ("th-alice-2",), ALICE.user_id))
+    cache.apply(RegistryChange(11, "session", ("th-alice-2",), ALICE.user_id))  # re-applied: counts once
+    cache.apply(RegistryChange(12, "session", ("th-alice",), None, deleted=True))
+    assert cache.has_session(ALICE.user_id)  # one of two sessions left
+    cache.apply(RegistryChange(13, "session", ("th-alice-2",), None, deleted=True))
+    assert not cache.has_session(ALICE.user_id)
+    cache.apply(RegistryChange(14, "session", ("th-alice-2",), None, deleted=True))  # twice: harmless
+    assert not cache.has_session(ALICE.user_id)
+    # a token put again for another user moves the count
+    cache.apply(RegistryChange(15, "session", ("th-x",), ALICE.user_id))
+    cache.apply(RegistryChange(16, "session", ("th-x",), BOB.user_id))
+    assert cache.has_session(BOB.user_id) and not cache.has_session(ALICE.user_id)
 
 
 def test_changes_at_or_below_the_snapshot_are_ignored() -> None:
@@ -145,11 +197,12 @@ def test_progress_and_unknown_kinds_only_move_the_revision() -> None:
     assert cache.apply(RegistryChange(16, "something-new", ("x",), object()))
     after = cache.snapshot()
     assert cache.revision == 16
-    assert (after.users, after.rooms, after.members, after.sessions) == (
+    assert (after.users, after.rooms, after.members, after.sessions, after.nodes) == (
         before.users,
         before.rooms,
         before.members,
         before.sessions,
+        before.nodes,
     )
 
 
@@ -163,6 +216,9 @@ _op = st.one_of(
     st.tuples(st.just("delete"), st.integers(0, 2), st.integers(0, 4)),
     st.tuples(st.just("login"), st.integers(0, 3), st.integers(0, 4)),
     st.tuples(st.just("logout"), st.integers(0, 3)),
+    st.tuples(st.just("register"), st.integers(0, 2), st.integers(0, 9)),
+    st.tuples(st.just("revoke"), st.integers(0, 2)),
+    st.tuples(st.just("remove_node"), st.integers(0, 2)),
 )
 
 
@@ -170,6 +226,7 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
     reg = FakeRegistry()
     users: dict[int, str] = {}
     rooms: dict[int, str] = {}
+    leases: dict[int, object] = {}
     cache = RegistryCache()
     mid = None
     for i, op in enumerate(ops):
@@ -195,6 +252,12 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
                 await reg.create_session(f"th{args[0]}", u(args[1]), 60)
             elif kind == "logout":
                 await reg.delete_session(f"th{args[0]}")
+            elif kind == "register":
+                leases[args[0]] = await reg.register_node(f"peer{args[0]}", {"v": args[1]}, 60)
+            elif kind == "revoke" and args[0] in leases:
+                await leases[args[0]].revoke()  # type: ignore[attr-defined]
+            elif kind == "remove_node":
+                await reg.remove_node(f"peer{args[0]}")
         except ClientError:
             pass
         snap = await reg.snapshot()
@@ -212,13 +275,17 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
             cache.apply(change)
     got = cache.snapshot()
     assert got.revision == final.revision
-    assert (got.users, got.rooms, got.members, got.sessions) == (
+    assert (got.users, got.rooms, got.members, got.sessions, got.nodes) == (
         final.users,
         final.rooms,
         final.members,
         final.sessions,
+        final.nodes,
     )
+    for n in range(3):
+        assert cache.admitted(f"peer{n}") == (f"peer{n}" in final.nodes)
     for user_id in final.users:
+        assert cache.has_session(user_id) == (user_id in final.sessions.values())
         expected = {(final.rooms[rid], ms[user_id]) for rid, ms in final.members.items() if user_id in ms}
         got_rooms = cache.rooms_of(user_id)
         assert set(got_rooms) == expected and len(got_rooms) == len(expected)
@@ -228,3 +295,22 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
 @given(ops=st.lists(_op, max_size=40), split=st.integers(0, 40))
 def test_snapshot_plus_watch_equals_the_registry(ops: list[tuple], split: int) -> None:  # type: ignore[type-arg]
     trio.run(_run_ops, ops, split)
+
+
+async def test_a_node_whose_lease_runs_out_leaves_the_cache(autojump_clock: trio.testing.MockClock) -> None:
+    """On the fake and the mock clock: a node that stops refreshing its lease is no longer
+    admitted anywhere once the TTL passes, with nothing else happening in the registry."""
+    from sms.node.registry_feed import serve_registry_cache
+
+    reg = FakeRegistry()
+    cache = RegistryCache()
+    kept = await reg.register_node("peer-kept", {}, 5)
+    await reg.register_node("peer-dead", {}, 5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_registry_cache(reg, cache, task_status=task_status))
+        assert cache.admitted("peer-dead") and cache.admitted("peer-kept")
+        for _ in range(6):
+            await trio.sleep(2)
+            await kept.keepalive()
+        assert not cache.admitted("peer-dead") and cache.admitted("peer-kept")
+        nursery.cancel_scope.cancel()
