@@ -19,6 +19,7 @@ crashes the node with its traceback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -39,10 +40,24 @@ from .adapters.p2p import P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
 from .core.delivery import SeqTracker
-from .core.envelope import FrameError, decode_frame, encode_frame
+from .core.envelope import (
+    KIND_EDITS,
+    KIND_MESSAGES,
+    KIND_PRESENCE,
+    KIND_READ,
+    KIND_TYPING,
+    PRESENCE_STATUSES,
+    Frame,
+    FrameError,
+    decode_frame,
+    encode_frame,
+    encode_ops,
+)
+from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
 from .core.names import validate_name, validate_password
 from .core.registry_cache import RegistryCache
+from .core.rooms import validate_body
 from .core.rooms import (
     Deliver,
     Effect,
@@ -133,6 +148,12 @@ class Node:
     _repair_wanted: trio.Event = field(default_factory=trio.Event)
     repaired: int = 0
     repaired_bytes: int = 0
+    presence: Presence = field(default_factory=Presence)
+    typing: Typing = field(default_factory=Typing)
+    local_presence: dict[str, str] = field(default_factory=dict)  # users this node announces
+    _ws_count: dict[str, int] = field(default_factory=dict)
+    _offline_reported: set[str] = field(default_factory=set)
+    nursery: trio.Nursery | None = None
 
     # -- accounts
 
@@ -191,6 +212,39 @@ class Node:
         if role not in ("member", "admin"):
             raise BadRequest("role must be 'member' or 'admin'")
         await self.registry.set_member(room_id, actor_id, user_id, role)  # type: ignore[arg-type]
+
+    async def remove_member(self, actor_id: str, room_id: str, user_id: str) -> None:
+        await self.registry.remove_member(room_id, actor_id, user_id)
+
+    async def delete_room(self, actor_id: str, room_id: str) -> None:
+        self.require_member(room_id, actor_id)
+        await self.registry.delete_room(room_id, actor_id)
+        # The registry decided; history stops serving the room (retried by nobody if this fails,
+        # but no node serves a room the registry no longer has).
+        try:
+            await self.history.delete_room(room_id)
+        except SmsError as err:
+            log.warning("room %s deleted, but its history was not purged: %s", room_id, err.message)
+
+    def room_details(self, user_id: str, room_id: str) -> dict:
+        self.require_member(room_id, user_id)
+        room = self.cache.room(room_id)
+        members = []
+        for member_id, role in sorted(self.cache.members(room_id).items()):
+            user = self.cache.user(member_id)
+            members.append({"user_id": member_id, "name": user.name if user else None, "role": role})
+        return {"room_id": room_id, "name": room.name if room else None, "members": members}
+
+    def on_registry_change(self, change) -> None:
+        """Tells clients about membership changes that concern them (called by the cache feed
+        after the cache applied the change)."""
+        if change is None or change.kind != "member" or not change.deleted:
+            return
+        room_id, user_id = change.key
+        if self.cache.room(room_id) is None:
+            self.hub.send_to_user(user_id, {"type": "room_deleted", "room_id": room_id})
+        else:
+            self.hub.send_to_user(user_id, {"type": "room_left", "room_id": room_id})
 
     def require_member(self, room_id: str, user_id: str) -> None:
         if self.cache.room(room_id) is None:
@@ -341,6 +395,141 @@ class Node:
                 await self.p2p.publish(room_id, encode_frame(room_id, self.p2p.peer_id, messages))
                 self.metrics.frames_out.inc()
 
+    # -- edits, deletions, typing, read markers, presence
+
+    async def _publish_ops(self, kind: int, room_id: str, ops: list[tuple]) -> None:
+        await self.p2p.publish(room_id, encode_ops(kind, room_id, self.p2p.peer_id, ops))
+        self.metrics.frames_out.inc()
+
+    async def edit_message(self, user_id: str, room_id: str, message_id: str, body: object) -> dict:
+        self.require_member(room_id, user_id)
+        text = validate_body(body)
+        msg = await self.history.get(room_id, message_id)
+        if msg is None or not msg.body:
+            raise NotFound("no such message")
+        if msg.sender != user_id:
+            raise Forbidden("only the sender may edit a message")
+        ts = self.core.clock.now(wall_ms())
+        await self.history.edit(room_id, message_id, text, ts)
+        event = {"type": "message_edited", "room_id": room_id, "message_id": message_id, "body": text, "ts": ts}
+        self.hub.publish_event(room_id, event)
+        await self._publish_ops(KIND_EDITS, room_id, [(message_id, user_id, "edit", text, ts)])
+        return {"message_id": message_id, "ts": ts}
+
+    async def delete_message(self, user_id: str, room_id: str, message_id: str) -> None:
+        self.require_member(room_id, user_id)
+        msg = await self.history.get(room_id, message_id)
+        if msg is None or not msg.body:
+            raise NotFound("no such message")
+        if msg.sender != user_id and self.cache.role(room_id, user_id) != "admin":
+            raise Forbidden("only the sender or an admin may delete a message")
+        ts = self.core.clock.now(wall_ms())
+        await self.history.delete(room_id, message_id, ts)
+        self.hub.publish_event(room_id, {"type": "message_deleted", "room_id": room_id, "message_id": message_id, "ts": ts})
+        await self._publish_ops(KIND_EDITS, room_id, [(message_id, user_id, "delete", "", ts)])
+
+    async def _apply_remote_edits(self, frame: Frame) -> None:
+        # Content comes from history, where the origin stored it before publishing: a frame can
+        # only tell us to look, never what to show.
+        for message_id, _actor, op, _body, ts in frame.ops:
+            try:
+                msg = await self.history.get(frame.room_id, message_id)
+            except SmsError as err:
+                log.warning("edit of %s not applied yet: %s", message_id, err.message)
+                continue
+            if op == "delete" and (msg is None or not msg.body):
+                self.hub.publish_event(frame.room_id, {"type": "message_deleted", "room_id": frame.room_id, "message_id": message_id, "ts": ts})
+            elif op == "edit" and msg is not None and msg.body:
+                self.hub.publish_event(frame.room_id, {"type": "message_edited", "room_id": frame.room_id, "message_id": message_id, "body": msg.body, "ts": ts})
+
+    async def set_typing(self, user_id: str, room_id: str, typing: object) -> None:
+        if not isinstance(typing, bool):
+            raise BadRequest("typing must be true or false")
+        self.require_member(room_id, user_id)
+        ts = self.core.clock.now(wall_ms())
+        if self.typing.set(room_id, user_id, typing, wall_ms()):
+            self.hub.publish_event(room_id, {"type": "typing", "room_id": room_id, "user_id": user_id, "typing": typing})
+        await self._publish_ops(KIND_TYPING, room_id, [(user_id, typing, ts)])
+
+    async def mark_read(self, user_id: str, room_id: str, message_id: object) -> dict:
+        if not isinstance(message_id, str) or not message_id:
+            raise BadRequest("message_id must be a message id")
+        self.require_member(room_id, user_id)
+        msg = await self.history.get(room_id, message_id)
+        if msg is None:
+            raise NotFound("no such message")
+        moved = await self.history.set_read_marker(user_id, room_id, message_id, msg.ts)
+        if moved:
+            self.hub.publish_event(room_id, {"type": "read", "room_id": room_id, "user_id": user_id, "message_id": message_id})
+            await self._publish_ops(KIND_READ, room_id, [(user_id, message_id, msg.ts)])
+        return {"room_id": room_id, "message_id": message_id, "moved": moved}
+
+    async def read_markers(self, user_id: str) -> dict:
+        markers = await self.history.read_markers(user_id)
+        return {room: {"message_id": mid, "ts": ts} for room, (mid, ts) in markers.items() if self.cache.is_member(room, user_id)}
+
+    async def set_presence(self, user_id: str, status: object, *, explicit: bool = True) -> dict:
+        if status not in PRESENCE_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(PRESENCE_STATUSES)}")
+        ts = self.core.clock.now(wall_ms())
+        if status == "offline":
+            self.local_presence.pop(user_id, None)
+        else:
+            self.local_presence[user_id] = status  # type: ignore[assignment]
+        self._presence_changed(user_id, status, ts, self.p2p.peer_id)  # type: ignore[arg-type]
+        await self._publish_ops(KIND_PRESENCE, "", [(user_id, status, ts)])
+        return {"status": status, "ts": ts}
+
+    def get_presence(self, user_id: str) -> dict:
+        status, ts = self.presence.status(user_id, wall_ms())
+        return {"status": status, "ts": ts}
+
+    def _presence_changed(self, user_id: str, status: str, ts: int, origin: str) -> None:
+        if self.presence.update(user_id, status, ts, origin):
+            self._offline_reported.discard(user_id)
+            self._tell_co_members(user_id, {"type": "presence", "user_id": user_id, "status": status, "ts": ts})
+
+    def _tell_co_members(self, user_id: str, event: dict) -> None:
+        users = {user_id}
+        for room, _ in self.cache.rooms_of(user_id):
+            users.update(self.cache.members(room.room_id))
+        for other in users:
+            self.hub.send_to_user(other, event)
+
+    async def client_connected(self, user_id: str) -> None:
+        self._ws_count[user_id] = self._ws_count.get(user_id, 0) + 1
+        if user_id not in self.local_presence:
+            await self.set_presence(user_id, "online")
+
+    async def client_disconnected(self, user_id: str) -> None:
+        left = self._ws_count.get(user_id, 1) - 1
+        if left > 0:
+            self._ws_count[user_id] = left
+            return
+        self._ws_count.pop(user_id, None)
+        if self.local_presence.get(user_id) == "online":
+            await self.set_presence(user_id, "offline")
+
+    async def serve_ephemeral(self) -> None:
+        """Clears typing that was not refreshed, re-announces our users' presence, and reports
+        users whose presence ran out (their node died) as offline."""
+        last_refresh = 0
+        while True:
+            now = wall_ms()
+            for room_id, user_id in self.typing.expire(now):
+                self.hub.publish_event(room_id, {"type": "typing", "room_id": room_id, "user_id": user_id, "typing": False})
+            if now - last_refresh >= PRESENCE_REFRESH_MS and self.local_presence:
+                last_refresh = now
+                ts = self.core.clock.now(now)
+                ops = [(u, st, ts) for u, st in self.local_presence.items()]
+                for u, st, t in ops:
+                    self.presence.update(u, st, t, self.p2p.peer_id)
+                await self._publish_ops(KIND_PRESENCE, "", ops)
+            for user_id in self.presence.expired(now, self._offline_reported | set(self.local_presence)):
+                self._offline_reported.add(user_id)
+                self._tell_co_members(user_id, {"type": "presence", "user_id": user_id, "status": "offline", "ts": self.presence.status(user_id, now)[1]})
+            await trio.sleep(0.5)
+
     # -- from peers
 
     def validate_frame(self, room_id: str, data: bytes, author: str) -> bool:
@@ -349,12 +538,30 @@ class Node:
             frame = decode_frame(data)
             if frame.room_id != room_id or frame.origin != author:
                 raise FrameError("frame names another room or another origin than its author")
-            self.core.check_frame(frame, wall_ms())
+            if frame.kind == KIND_MESSAGES:
+                self.core.check_frame(frame, wall_ms())
+            else:
+                self._check_ops(frame)
         except FrameError as err:
             self.metrics.frames_rejected.inc()
             log.info("rejected frame from %s: %s", author, err)
             return False
         return True
+
+    def _check_ops(self, frame: Frame) -> None:
+        if frame.kind == KIND_PRESENCE:
+            if frame.room_id:
+                raise FrameError("presence frame on a room topic")
+            for user_id, _status, _ts in frame.ops:
+                if self.cache.user(user_id) is None:
+                    raise FrameError("presence of an unknown user")
+            return
+        if self.cache.room(frame.room_id) is None:
+            raise FrameError("frame for an unknown room")
+        for op in frame.ops:
+            actor = op[1] if frame.kind == KIND_EDITS else op[0]
+            if not self.cache.is_member(frame.room_id, actor):
+                raise FrameError("actor is not a member of the room")
 
     def on_frame(self, room_id: str, data: bytes, author: str) -> None:
         self.metrics.frames_in.inc()
@@ -363,12 +570,34 @@ class Node:
         except FrameError:
             self.metrics.frames_rejected.inc()
             return
+        if frame.kind != KIND_MESSAGES:
+            self._on_ops(frame)
+            return
         for effect in self.core.step(FrameArrived(frame, author, wall_ms())):
             if isinstance(effect, Deliver):
                 self._deliver(effect.messages)
             elif isinstance(effect, Reject):
                 self.metrics.frames_rejected.inc()
                 log.info("rejected frame from %s: %s", effect.peer, effect.reason)
+
+    def _on_ops(self, frame: Frame) -> None:
+        now = wall_ms()
+        if frame.kind == KIND_EDITS and self.nursery is not None:
+            self.nursery.start_soon(self._apply_remote_edits, frame)
+        elif frame.kind == KIND_TYPING:
+            for user_id, typing, _ts in frame.ops:
+                if self.typing.set(frame.room_id, user_id, typing, now):
+                    self.hub.publish_event(frame.room_id, {"type": "typing", "room_id": frame.room_id, "user_id": user_id, "typing": typing})
+        elif frame.kind == KIND_READ:
+            for user_id, message_id, _ts in frame.ops:
+                self.hub.publish_event(frame.room_id, {"type": "read", "room_id": frame.room_id, "user_id": user_id, "message_id": message_id})
+        elif frame.kind == KIND_PRESENCE:
+            for user_id, status, ts in frame.ops:
+                try:
+                    self.core.clock.observe(ts, now)
+                except ValueError:
+                    continue  # a clock too far ahead: ignore the announcement
+                self._presence_changed(user_id, status, ts, frame.origin)
 
     # -- health
 
@@ -446,9 +675,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         try:
             cache = RegistryCache()
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_registry_cache, registry, cache)
-                core = RoomCore(origin="", clock=HybridClock(), members=_MembershipView(cache))
                 node_ref: list[Node] = []
+                await nursery.start(
+                    functools.partial(
+                        serve_registry_cache, registry, cache,
+                        on_change=lambda change: node_ref[0].on_registry_change(change) if node_ref else None,
+                    )
+                )
+                core = RoomCore(origin="", clock=HybridClock(), members=_MembershipView(cache))
                 p2p = P2PNode(
                     key_pair=key_pair,
                     listen_port=config.p2p_port,
@@ -470,6 +704,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     metrics=Metrics(),
                 )
                 node_ref.append(node)
+                node.nursery = nursery
                 send, receive = trio.open_memory_channel(100_000)
                 node._outbox_send = send
                 await nursery.start(p2p.serve)
@@ -477,6 +712,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node.serve_health_probes)
                 nursery.start_soon(node.serve_room_joins)
                 nursery.start_soon(node.serve_repair)
+                nursery.start_soon(node.serve_ephemeral)
+                await p2p.join_room("")  # the presence topic
                 yield node
                 nursery.cancel_scope.cancel()
         finally:

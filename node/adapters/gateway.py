@@ -51,6 +51,18 @@ class MessagePut(BaseModel):
     body: str
 
 
+class TypingPut(BaseModel):
+    typing: bool
+
+
+class ReadPut(BaseModel):
+    message_id: str
+
+
+class PresencePut(BaseModel):
+    status: str
+
+
 def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -157,6 +169,23 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         await node.set_member(user_id, room_id, member_id, body.role)
         return {"room_id": room_id, "user_id": member_id, "role": body.role}
 
+    @app.get("/v1/rooms/{room_id}", tags=["rooms"])
+    async def get_room(request: Request, room_id: str) -> dict:
+        user_id = await user_of(request)
+        return node.room_details(user_id, room_id)
+
+    @app.delete("/v1/rooms/{room_id}", status_code=204, tags=["rooms"])
+    async def delete_room(request: Request, room_id: str) -> Response:
+        user_id = await user_of(request)
+        await node.delete_room(user_id, room_id)
+        return Response(status_code=204)
+
+    @app.delete("/v1/rooms/{room_id}/members/{member_id}", status_code=204, tags=["rooms"])
+    async def remove_member(request: Request, room_id: str, member_id: str) -> Response:
+        user_id = await user_of(request)
+        await node.remove_member(user_id, room_id, member_id)
+        return Response(status_code=204)
+
     # -- messages
 
     @app.put("/v1/rooms/{room_id}/messages/{txn_id}", tags=["messages"])
@@ -182,6 +211,43 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             "next": page.next,
         }
 
+    @app.patch("/v1/rooms/{room_id}/messages/{message_id}", tags=["messages"])
+    async def edit(request: Request, room_id: str, message_id: str, body: MessagePut) -> dict:
+        user_id = await user_of(request)
+        return await node.edit_message(user_id, room_id, message_id, body.body)
+
+    @app.delete("/v1/rooms/{room_id}/messages/{message_id}", status_code=204, tags=["messages"])
+    async def delete_message(request: Request, room_id: str, message_id: str) -> Response:
+        user_id = await user_of(request)
+        await node.delete_message(user_id, room_id, message_id)
+        return Response(status_code=204)
+
+    @app.put("/v1/rooms/{room_id}/typing", status_code=204, tags=["presence"])
+    async def typing(request: Request, room_id: str, body: TypingPut) -> Response:
+        user_id = await user_of(request)
+        await node.set_typing(user_id, room_id, body.typing)
+        return Response(status_code=204)
+
+    @app.put("/v1/rooms/{room_id}/read", tags=["presence"])
+    async def read(request: Request, room_id: str, body: ReadPut) -> dict:
+        user_id = await user_of(request)
+        return await node.mark_read(user_id, room_id, body.message_id)
+
+    @app.get("/v1/read-markers", tags=["presence"])
+    async def read_markers(request: Request) -> dict:
+        user_id = await user_of(request)
+        return {"markers": await node.read_markers(user_id)}
+
+    @app.put("/v1/presence", tags=["presence"])
+    async def put_presence(request: Request, body: PresencePut) -> dict:
+        user_id = await user_of(request)
+        return await node.set_presence(user_id, body.status)
+
+    @app.get("/v1/users/{user_id}/presence", tags=["presence"])
+    async def get_presence(request: Request, user_id: str) -> dict:
+        await user_of(request)
+        return node.get_presence(user_id)
+
     # -- events
 
     @app.websocket("/v1/events")
@@ -201,6 +267,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id)
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
         try:
+            await node.client_connected(user_id)
             async with trio.open_nursery() as nursery:
 
                 async def drain_client() -> None:
@@ -241,6 +308,11 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             pass
         finally:
             node.hub.disconnect(sub)
+            with trio.CancelScope(shield=True):
+                try:
+                    await node.client_disconnected(user_id)
+                except SmsError:
+                    pass
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -45,6 +45,7 @@ from ..errors import BadRequest
 log = logging.getLogger("sms.p2p")
 
 TOPIC_PREFIX = "sms/v1/room/"
+PRESENCE_TOPIC = "sms/v1/presence"
 NODES_KEY = "sms-v1-nodes"
 
 # (room_id, data, author peer id) -> None. Called for every frame that passed the validator.
@@ -54,7 +55,8 @@ FrameValidator = Callable[[str, bytes, str], bool]
 
 
 def room_topic(room_id: str) -> str:
-    return TOPIC_PREFIX + room_id
+    """A room's topic; the empty room id names the cluster-wide presence topic."""
+    return TOPIC_PREFIX + room_id if room_id else PRESENCE_TOPIC
 
 
 def load_or_create_identity(path: Path) -> KeyPair:
@@ -184,7 +186,7 @@ class P2PNode:
                     await self.dht.add_peer(peer)
                 except Exception as exc:  # a peer that is not a DHT server: fine
                     log.debug("dht add_peer %s: %s", peer, exc)
-            keys = [NODES_KEY] + [f"sms-v1-room-{r}" for r in self._rooms]
+            keys = [NODES_KEY] + [f"sms-v1-room-{r}" for r in self._rooms if r]
             for key in keys:
                 if self.host.get_connected_peers() and (key not in provided or interval >= 5):
                     try:

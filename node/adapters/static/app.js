@@ -14,7 +14,6 @@ const TOKEN_KEY = "sms.session";
 const PAGE = 50;
 const TYPING_SHOWN_MS = 6000;     // a "typing" we heard of is shown this long unless refreshed
 const TYPING_SEND_EVERY_MS = 3000; // while typing, tell the room at most this often
-const PRESENCE_EVERY_MS = 30000;
 const ROOMS_EVERY_MS = 10000;      // membership has no event yet: re-read the room list this often
 
 const state = {
@@ -25,11 +24,15 @@ const state = {
   names: new Map(),       // user_id -> name, as far as we learned them
   online: new Map(),      // user_id -> status
   typing: new Map(),      // room_id -> Map(user_id -> expires_at_ms)
-  features: {presence: true, typing: true, read: true},
+  members: new Map(),     // room_id -> [{user_id, name, role}], where the node lists them
+  detailsAt: new Map(),   // room_id -> when we last read its members (ms)
+  features: {presence: true, typing: true, read: true, details: true},
   ws: null,
   cursor: null,           // the last event's resume cursor, where the node gives one
   wsOpened: false,        // reconnects (not the first open) re-read what may have been missed
   wsConnects: 0,
+  readsInFlight: 0,       // read markers sent and not yet answered
+  unreadCounted: false,   // the counts from read markers are in
   wsRetryMs: 500,
   lastTypingSent: 0,
   timers: [],
@@ -96,6 +99,7 @@ function signOut(reason) {
   state.timers.forEach(clearInterval);
   state.timers = [];
   state.rooms.clear(); state.logs.clear(); state.online.clear(); state.typing.clear();
+  state.members.clear(); state.detailsAt.clear();
   state.current = null;
   state.wsOpened = false;
   state.cursor = null;
@@ -114,8 +118,8 @@ async function start() {
   const remembered = sessionStorage.getItem(TOKEN_KEY + ".room");
   if (remembered && state.rooms.has(remembered)) await openRoom(remembered);
   else if (!state.current && state.rooms.size) await openRoom(state.rooms.keys().next().value);
-  announcePresence("online");
-  state.timers.push(setInterval(() => announcePresence("online"), PRESENCE_EVERY_MS));
+  announcePresence(document.hidden ? "away" : "online");
+  loadUnread();
   state.timers.push(setInterval(() => { if (!document.hidden) refreshRooms(); }, ROOMS_EVERY_MS));
   state.timers.push(setInterval(renderTyping, 1000));
 }
@@ -167,6 +171,47 @@ async function openRoom(roomId) {
   $("composer").focus();
   if (!logOf(roomId).loaded) await loadNewest(roomId);
   markRead(roomId);
+  loadDetails(roomId);
+}
+
+// Members with their names and roles, and whether they are online (where the node tells).
+async function loadDetails(roomId) {
+  state.detailsAt.set(roomId, Date.now());
+  const room = await optional("details", "GET", `/v1/rooms/${enc(roomId)}`);
+  if (!room || !Array.isArray(room.members)) return;
+  state.members.set(roomId, room.members);
+  for (const m of room.members) if (m.name) state.names.set(m.user_id, m.name);
+  if (roomId === state.current) { renderMessages(); renderTyping(); }
+  for (const m of room.members) {
+    if (state.online.has(m.user_id) || !state.features.presence) continue;
+    const p = await optional("presence", "GET", `/v1/users/${enc(m.user_id)}/presence`);
+    if (p && p.status && p.status !== "offline") state.online.set(m.user_id, p.status);
+  }
+  renderOnline();
+}
+
+// Unread counts after a login: each room's newest page against our read marker in it.
+async function loadUnread() {
+  const data = await optional("read", "GET", "/v1/read-markers");
+  if (!data || !data.markers) return;
+  const rooms = [...state.rooms.values()].filter((r) => r.room_id !== state.current).slice(0, 20);
+  for (const room of rooms) {
+    const log = logOf(room.room_id);
+    if (!log.loaded) {
+      try {
+        const page = await api("GET", `/v1/rooms/${enc(room.room_id)}/messages?limit=${PAGE}`);
+        log.prev = page.prev;
+        log.loaded = true;
+        merge(room.room_id, page.messages);
+      } catch (_) { continue; }
+    }
+    const marker = data.markers[room.room_id];
+    const at = marker ? log.items.findIndex((m) => m.message_id === marker.message_id) : -1;
+    if (marker) log.readUpTo = marker.message_id;
+    room.unread = log.items.slice(at + 1).filter((m) => m.sender !== state.session.user_id).length;
+  }
+  renderRooms();
+  state.unreadCounted = true;
 }
 
 // -- messages ------------------------------------------------------------------------------------
@@ -231,6 +276,7 @@ async function send(body) {
   const r = await api("PUT", `/v1/rooms/${enc(roomId)}/messages/${enc(txn)}`, {body});
   const mine = {message_id: r.message_id, room_id: roomId, sender: state.session.user_id, body, ts: r.ts};
   if (merge(roomId, [mine]) && roomId === state.current) renderMessages({stick: true});
+  if (state.lastTypingSent) optional("typing", "PUT", `/v1/rooms/${enc(roomId)}/typing`, {typing: false});
   state.lastTypingSent = 0;
   markRead(roomId);
 }
@@ -282,6 +328,10 @@ function onEvent(e) {
     case "presence": return onPresence(e);
     case "typing": return onTyping(e);
     case "read": return onRead(e);
+    case "message_edited": return onEdited(e);
+    case "message_deleted": return onDeleted(e);
+    case "room_left":
+    case "room_deleted": return onRoomGone(e);
     default: return; // newer nodes may send more kinds; ignore them
   }
 }
@@ -290,6 +340,9 @@ function onMessage(e) {
   const msg = {message_id: e.message_id, room_id: e.room_id, sender: e.sender, body: e.body, ts: e.ts};
   if (e.sender_name) state.names.set(e.sender, e.sender_name);
   if (!state.rooms.has(e.room_id)) refreshRooms(); // we were just added to this room
+  if (!state.names.has(e.sender) && Date.now() - (state.detailsAt.get(e.room_id) || 0) > 3000) {
+    loadDetails(e.room_id); // a member we have not met yet: learn their name
+  }
   const typing = state.typing.get(e.room_id);
   if (typing) typing.delete(e.sender);
   if (!merge(e.room_id, [msg])) return;
@@ -323,6 +376,37 @@ function onTyping(e) {
   renderTyping();
 }
 
+function onEdited(e) {
+  const log = state.logs.get(e.room_id);
+  const m = log && log.items.find((x) => x.message_id === e.message_id);
+  if (!m) return;
+  m.body = e.body;
+  m.edited = true;
+  if (e.room_id === state.current) renderMessages();
+}
+
+function onDeleted(e) {
+  const log = state.logs.get(e.room_id);
+  if (!log) return;
+  const i = log.items.findIndex((x) => x.message_id === e.message_id);
+  if (i < 0) return;
+  log.items.splice(i, 1); // keep the id in log.ids so a late copy does not bring it back
+  if (e.room_id === state.current) renderMessages();
+}
+
+function onRoomGone(e) {
+  const room = state.rooms.get(e.room_id);
+  state.rooms.delete(e.room_id);
+  state.logs.delete(e.room_id);
+  if (state.current === e.room_id) {
+    state.current = null;
+    renderMessages();
+    renderRoomHeader();
+    if (room) notice(e.type === "room_deleted" ? `${room.name} was deleted.` : `You are no longer in ${room.name}.`);
+  }
+  renderRooms();
+}
+
 function onRead(e) {
   // Our own marker, set from another tab or device: that room has been read.
   if (e.user_id === state.session.user_id && e.room_id !== state.current) {
@@ -333,22 +417,25 @@ function onRead(e) {
 
 // -- optional features (presence, typing, read markers) -------------------------------------------
 
+// Calls a route that older nodes lack; returns its answer, or undefined if it failed or is missing.
 async function optional(feature, method, path, body) {
-  if (!state.features[feature] || !state.session) return;
+  if (!state.features[feature] || !state.session) return undefined;
   try {
-    await api(method, path, body);
+    return await api(method, path, body);
   } catch (err) {
     if (err.missingRoute) {
       state.features[feature] = false;
       if (feature === "presence") $("online-section").hidden = true;
     }
+    return undefined;
   }
 }
 
 function announcePresence(status) {
-  return optional("presence", "PUT", "/v1/presence", {status}).then(() => {
-    if (state.features.presence && state.session) {
-      state.online.set(state.session.user_id, status);
+  return optional("presence", "PUT", "/v1/presence", {status}).then((ok) => {
+    if (ok && state.session) {
+      if (status === "offline") state.online.delete(state.session.user_id);
+      else state.online.set(state.session.user_id, status);
       renderOnline();
     }
   });
@@ -360,7 +447,9 @@ function markRead(roomId) {
   if (!last) return;
   if (log.readUpTo === last.message_id) return;
   log.readUpTo = last.message_id;
-  optional("read", "PUT", `/v1/rooms/${enc(roomId)}/read`, {message_id: last.message_id, ts: last.ts});
+  state.readsInFlight += 1;
+  optional("read", "PUT", `/v1/rooms/${enc(roomId)}/read`, {message_id: last.message_id})
+    .finally(() => { state.readsInFlight -= 1; });
 }
 
 function typed() {
@@ -461,7 +550,14 @@ function renderMessages(opts = {}) {
     const body = document.createElement("div");
     body.className = "body";
     body.textContent = m.body;
-    li.append(who, when, body);
+    li.append(who, when);
+    if (m.edited) {
+      const edited = document.createElement("span");
+      edited.className = "edited";
+      edited.textContent = " (edited)";
+      li.append(edited);
+    }
+    li.append(body);
     list.append(li);
   }
   $("load-older").hidden = !log.prev;
@@ -490,9 +586,12 @@ function renderOnline() {
   $("online-section").hidden = state.online.size === 0;
   const list = $("online");
   list.replaceChildren();
-  for (const [user, status] of state.online) {
+  const people = [...state.online].map(([user, status]) => [nameOf(user), status]);
+  people.sort((a, b) => a[0].localeCompare(b[0]));
+  for (const [name, status] of people) {
     const li = document.createElement("li");
-    li.textContent = nameOf(user) + (status !== "online" ? ` (${status})` : "");
+    li.className = status;
+    li.textContent = name + (status !== "online" ? ` (${status})` : "");
     list.append(li);
   }
 }
@@ -517,8 +616,8 @@ function wire() {
         err.message;
     }
   });
-  $("logout-btn").addEventListener("click", () => {
-    announcePresence("offline");
+  $("logout-btn").addEventListener("click", async () => {
+    await announcePresence("offline");
     const headers = {Authorization: "Bearer " + state.session.token};
     fetch("/v1/sessions/current", {method: "DELETE", headers}).catch(() => {});
     signOut("");
@@ -546,6 +645,8 @@ function wire() {
   $("load-older").addEventListener("click", loadOlder);
   $("messages").addEventListener("scroll", () => { if ($("messages").scrollTop < 20) loadOlder(); });
   document.addEventListener("visibilitychange", () => {
+    if (!state.session) return;
+    announcePresence(document.hidden ? "away" : "online");
     if (!document.hidden && state.current) markRead(state.current);
   });
 }
