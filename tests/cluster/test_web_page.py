@@ -9,6 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -87,6 +88,12 @@ def not_reloaded(page: Page) -> bool:
     return page.evaluate("window.__notReloaded === true")
 
 
+def routes(base: str) -> set[str]:
+    """The node's routes, from its OpenAPI document: presence, typing and read markers are newer
+    than the page, which works without them; the test checks them where the node has them."""
+    return set(httpx.get(base + "/openapi.json", timeout=10).json()["paths"])
+
+
 def test_two_people_on_two_nodes_chat_live(cluster: ClusterProcess, browser: Browser, tmp_path: Path) -> None:
     suffix = uuid.uuid4().hex[:6]
     alice_name, bob_name, room = f"alice-{suffix}", f"bob-{suffix}", f"general-{suffix}"
@@ -119,16 +126,55 @@ def test_two_people_on_two_nodes_chat_live(cluster: ClusterProcess, browser: Bro
     say(alice, "the same words")
     say(alice, "the same words")
     expect(bob.locator("#message-list li", has_text="the same words")).to_have_count(2)
+    have = routes(cluster.http(0))
+    if "/v1/rooms/{room_id}/typing" in have:
+        bob.type("#composer", "typing away")
+        expect(alice.locator("#typing")).to_have_text(f"{bob_name} is typing…")
+        bob.fill("#composer", "")
+    if "/v1/presence" in have:
+        expect(alice.locator("#online")).to_contain_text(bob_name)
+        expect(bob.locator("#online")).to_contain_text(alice_name)
     say(bob, "multi\nline? Shift+Enter would do it")
     expect(alice.locator("#message-list")).to_contain_text("Shift+Enter would do it")
     expect(alice.locator("#message-list li")).to_have_count(5)
     assert not_reloaded(alice) and not_reloaded(bob)
     # Alice added bob by name, so her page shows his name on his messages.
     expect(alice.locator("#message-list li", has_text="hello alice").locator(".who")).to_have_text(bob_name)
+    if "/v1/rooms/{room_id}" in have:  # and bob learns alice's from the room's member list
+        expect(bob.locator("#message-list li", has_text="hi bob").locator(".who")).to_have_text(alice_name)
 
     alice.screenshot(path=str(tmp_path / "screenshot.png"))
     if os.environ.get("SMS_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists():
         SCREENSHOT.write_bytes((tmp_path / "screenshot.png").read_bytes())
+
+    # Unread counts: live while the page is open, and from read markers after a reload.
+    alice.fill("#new-room-name", f"side-{suffix}")
+    alice.click("#create-room-btn")
+    expect(alice.locator("#room-title")).to_have_text(f"# side-{suffix}")
+    alice.fill("#member-name", bob_name)
+    alice.click("#add-member-btn")
+    expect(alice.locator("#notice")).to_contain_text(f"{bob_name} is now a member")
+    say(alice, "side 1")
+    say(alice, "side 2")
+    side = bob.locator("#room-list li", has_text=f"side-{suffix}")
+    expect(side.locator(".unread")).to_have_text("2")
+    if "/v1/rooms/{room_id}/read" in have:
+        bob.reload()  # stays in the room it had open; the count comes from the read markers now
+        expect(bob.locator("#room-title")).to_have_text(f"# {room}")
+        expect(side.locator(".unread")).to_have_text("2")
+        side.click()
+        expect(bob.locator("#message-list")).to_contain_text("side 2")
+        # The marker is stored before we reload.
+        bob.wait_for_function(
+            "(() => { const log = state.logs.get(state.current);"
+            " return state.readsInFlight === 0 && log.readUpTo === log.items.at(-1).message_id; })()"
+        )
+        bob.locator("#room-list li", has_text=room).first.click()
+        bob.reload()
+        expect(bob.locator("#message-list")).to_contain_text("the same words")
+        bob.wait_for_function("state.unreadCounted === true")
+        expect(bob.locator("#room-list li", has_text=f"general-{suffix}").locator(".unread")).to_have_count(0)
+        expect(side.locator(".unread")).to_have_count(0)
     assert alice._sms_errors == [] and bob._sms_errors == []  # type: ignore[attr-defined]
 
 
