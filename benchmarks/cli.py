@@ -1,9 +1,183 @@
-"""`sms bench`: registered on the main app."""
+"""`sms bench`: registered on the main app.
+
+    sms bench sweep         raise the offered rate until p99 > 100 ms or loss; sms and baselines
+    sms bench run           fixed rates (--rate, repeatable)
+    sms bench conn-scale    many WebSocket connections, a few percent chatting
+    sms bench node-scale    1, 3, 5, 10 nodes at one rate
+    sms bench plot FILE     PNGs from a result file
+
+Each writes benchmarks/results/<kind>-<time>.json (machine, versions, git commit, config, points)
+and PNGs beside it. Every loop is bounded; see docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _say(line: str) -> None:
+    typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:
-    """Adds the `bench` command to `app`."""
+    """Adds the `bench` command group to `app`."""
+    bench = typer.Typer(help="Benchmarks: delivery latency, loss and throughput of sms against NATS "
+                             "JetStream and raw GossipSub. See docs/benchmarks.md.", no_args_is_help=True)
+    app.add_typer(bench, name="bench")
+
+    common = dict(
+        cluster=typer.Option(None, "--cluster", help="Use this running cluster (DIR/cluster.json) instead of a fresh `sms up`."),
+    )
+
+    @bench.command("sweep")
+    def sweep_cmd(
+        cluster: Optional[Path] = common["cluster"],
+        nodes: int = typer.Option(3, min=1, max=20, help="Nodes of the fresh cluster."),
+        clients: int = typer.Option(30, min=2, help="C: WebSocket clients, spread over the nodes."),
+        senders: int = typer.Option(6, min=1, help="S: how many clients send."),
+        rooms: int = typer.Option(3, min=1, help="K: rooms (client i is in room i % K)."),
+        body_bytes: int = typer.Option(200, min=32, max=60000, help="B: message body size."),
+        duration: float = typer.Option(10.0, min=1, max=600, help="T: measured seconds per point."),
+        warmup: float = typer.Option(2.0, min=0, max=120, help="Warm-up seconds per point (not measured)."),
+        drain: float = typer.Option(5.0, min=0, max=60, help="Max seconds to wait for stragglers."),
+        start_rate: float = typer.Option(25.0, min=0.1, help="First offered rate (sends/s)."),
+        factor: float = typer.Option(2.0, min=1.05, help="Rate multiplier while points hold."),
+        max_rate: float = typer.Option(20000.0, help="Never offer more than this."),
+        max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
+        refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
+        max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
+        baselines: str = typer.Option("nats,gossipsub", help="Comma list from: nats, gossipsub ('' for none)."),
+        profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
+        out: Path = typer.Option(RESULTS, help="Where result JSON and PNGs go."),
+        work_dir: Optional[Path] = typer.Option(None, help="Scratch dir for clusters (default: a new temp dir)."),
+    ) -> None:
+        """Raise the offered rate until p99 > 100 ms or loss appears, for sms and the baselines."""
+        from .schedule import Workload
+        from .sweep import SweepPolicy
+
+        w = Workload(clients=clients, senders=senders, rooms=rooms, body_bytes=body_bytes, duration_s=duration,
+                     warmup_s=warmup, drain_s=drain, max_in_flight=max_in_flight, rate=start_rate).validate()
+        policy = SweepPolicy(start_rate=start_rate, factor=factor, max_rate=max_rate, max_points=max_points,
+                             refine=refine).validate()
+        _run_load("sweep", cluster, nodes, w, policy, None, baselines, profile, out, work_dir)
+
+    @bench.command("run")
+    def run_cmd(
+        cluster: Optional[Path] = common["cluster"],
+        nodes: int = typer.Option(3, min=1, max=20),
+        rate: List[float] = typer.Option([100.0], "--rate", "-r", help="Offered rate (sends/s); repeatable."),
+        clients: int = typer.Option(30, min=2),
+        senders: int = typer.Option(6, min=1),
+        rooms: int = typer.Option(3, min=1),
+        body_bytes: int = typer.Option(200, min=32, max=60000),
+        duration: float = typer.Option(10.0, min=1, max=600),
+        warmup: float = typer.Option(2.0, min=0, max=120),
+        drain: float = typer.Option(5.0, min=0, max=60),
+        max_in_flight: int = typer.Option(512, min=1),
+        baselines: str = typer.Option("", help="Comma list from: nats, gossipsub."),
+        profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
+        out: Path = typer.Option(RESULTS),
+        work_dir: Optional[Path] = typer.Option(None),
+    ) -> None:
+        """Fixed offered rates against sms (and optionally the baselines)."""
+        from .schedule import Workload
+        from .sweep import SweepPolicy
+
+        w = Workload(clients=clients, senders=senders, rooms=rooms, body_bytes=body_bytes, duration_s=duration,
+                     warmup_s=warmup, drain_s=drain, max_in_flight=max_in_flight, rate=rate[0]).validate()
+        _run_load("point", cluster, nodes, w, SweepPolicy(start_rate=min(rate), max_rate=max(rate)), list(rate),
+                  baselines, profile, out, work_dir)
+
+    @bench.command("conn-scale")
+    def conn_scale_cmd(
+        cluster: Optional[Path] = common["cluster"],
+        nodes: int = typer.Option(3, min=1, max=20),
+        connections: int = typer.Option(10000, min=2, max=50000, help="WebSocket connections in all."),
+        users: int = typer.Option(200, min=1, help="Accounts they log in as (registering 10,000 argon2id users "
+                                                    "would take ~30 min here); must be a multiple of --rooms."),
+        rooms: int = typer.Option(50, min=1),
+        chatting: float = typer.Option(0.01, min=0.0001, max=1.0, help="Fraction of connections that send."),
+        rate: float = typer.Option(20.0, help="Offered sends/s of all chatting connections together."),
+        duration: float = typer.Option(10.0, min=1, max=600),
+        warmup: float = typer.Option(2.0, min=0, max=120),
+        out: Path = typer.Option(RESULTS),
+        work_dir: Optional[Path] = typer.Option(None),
+    ) -> None:
+        """Hold many WebSockets across the nodes; report memory per connection and p99."""
+        from .scale import conn_scale
+
+        conn_scale(cluster, nodes, connections, users, rooms, chatting, rate, duration, warmup, out, work_dir, _say)
+
+    @bench.command("node-scale")
+    def node_scale_cmd(
+        node_counts: str = typer.Option("1,3,5,10", "--nodes", help="Cluster sizes to try, comma separated."),
+        rate: float = typer.Option(100.0, help="Offered sends/s at every size."),
+        clients: int = typer.Option(30, min=2),
+        senders: int = typer.Option(6, min=1),
+        rooms: int = typer.Option(3, min=1),
+        duration: float = typer.Option(10.0, min=1, max=600),
+        warmup: float = typer.Option(2.0, min=0, max=120),
+        out: Path = typer.Option(RESULTS),
+        work_dir: Optional[Path] = typer.Option(None),
+    ) -> None:
+        """Fresh clusters of 1, 3, 5, 10 nodes at one rate: throughput and CPU per delivered message."""
+        from .scale import node_scale
+
+        counts = [int(x) for x in node_counts.split(",") if x.strip()]
+        node_scale(counts, rate, clients, senders, rooms, duration, warmup, out, work_dir, _say)
+
+    @bench.command("plot")
+    def plot_cmd(result: Path = typer.Argument(..., exists=True, help="A result JSON file.")) -> None:
+        """(Re)draw the PNGs of a result file next to it."""
+        import json
+
+        for p in make_plots(json.loads(result.read_text()), result.parent, result.stem):
+            typer.echo(f"wrote {p}")
+
+
+def make_plots(doc: dict, out: Path, stem: str) -> list[Path]:
+    from . import plots
+
+    if doc["kind"] == "node-scale":
+        return [plots.node_scale_plot(doc, out / f"{stem}-nodes.png")]
+    return [plots.latency_vs_rate(doc, out / f"{stem}-latency.png"), plots.latency_cdf(doc, out / f"{stem}-cdf.png")]
+
+
+def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, out, work_dir) -> None:
+    import trio
+
+    from .results import result_doc, write_result
+    from .runner import gossip_system, nats_system, sms_system, with_cluster, work_dir_for, workload_config
+
+    wanted = [b.strip() for b in baselines.split(",") if b.strip()]
+    bad = [b for b in wanted if b not in ("nats", "gossipsub")]
+    if bad:
+        raise typer.BadParameter(f"unknown baseline(s) {bad}; use nats, gossipsub")
+    wd = work_dir_for(work_dir)
+    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    systems: dict = {}
+    notes: list[str] = []
+    t0 = time.monotonic()
+    with with_cluster(cluster_file, nodes, wd, _say) as cluster:
+        prof = {"rate": None, "dir": out / f"{stem}-profiles"} if profile else None
+        systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof)
+        n_nodes = len(cluster["nodes"])
+    if "nats" in wanted:
+        systems["nats"] = nats_system(w, policy, rates, _say, wd)
+    if "gossipsub" in wanted:
+        systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
+    config = workload_config(w, policy, rates, nodes=n_nodes, baselines=wanted,
+                             cluster="given" if cluster_file else "fresh sms up", wall_s=round(time.monotonic() - t0, 1))
+    doc = result_doc(kind, config, systems, notes=notes)
+    path = write_result(doc, out, stem)
+    _say(f"wrote {path}")
+    for p in make_plots(doc, out, stem):
+        _say(f"wrote {p}")
+    for name, s in systems.items():
+        _say(f"{name}: highest rate that held = {s['max_sustained_rate']} sends/s ({s['stop_reason']})")

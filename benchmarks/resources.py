@@ -1,0 +1,125 @@
+"""CPU and memory of the processes under test, the load generator and the rest of the machine,
+sampled with psutil over a measured window."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import psutil
+
+
+@dataclass
+class Group:
+    name: str
+    role: str                 # "node", "etcd", "postgres", "nats-server", "generator", ...
+    pids: list[int]
+    children: bool = False    # include every descendant (postgres forks a backend per connection)
+
+
+def _procs(group: Group) -> list[psutil.Process]:
+    out = []
+    for pid in group.pids:
+        try:
+            p = psutil.Process(pid)
+            out.append(p)
+            if group.children:
+                out.extend(p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _sample(group: Group) -> tuple[float, float]:
+    """(cpu seconds user+system, rss bytes) summed over the group."""
+    cpu = rss = 0.0
+    for p in _procs(group):
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                cpu += t.user + t.system
+                rss += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return cpu, rss
+
+
+@dataclass
+class ResourceMonitor:
+    groups: list[Group]
+    interval_s: float = 0.5
+    result: dict = field(default_factory=dict)
+
+    async def window(self, t0: float, t1: float) -> None:
+        """Samples from monotonic time t0 to t1; leaves the summary in `result`."""
+        now = time.monotonic()
+        if t0 > now:
+            await anyio.sleep(t0 - now)
+        start = {g.name: _sample(g) for g in self.groups}
+        sys0 = psutil.cpu_times()
+        w0 = time.monotonic()
+        peak = {name: rss for name, (_, rss) in start.items()}
+        while time.monotonic() < t1:
+            await anyio.sleep(min(self.interval_s, max(0.0, t1 - time.monotonic())))
+            for g in self.groups:
+                _, rss = _sample(g)
+                peak[g.name] = max(peak[g.name], rss)
+        end = {g.name: _sample(g) for g in self.groups}
+        sys1 = psutil.cpu_times()
+        wall = max(1e-6, time.monotonic() - w0)
+        out = {}
+        for g in self.groups:
+            cpu = end[g.name][0] - start[g.name][0]
+            out[g.name] = {
+                "role": g.role,
+                "pids": list(g.pids),
+                "cpu_s": round(cpu, 3),
+                "cpu_percent": round(100 * cpu / wall, 1),
+                "rss_mb": round(end[g.name][1] / 2**20, 1),
+                "peak_rss_mb": round(peak[g.name] / 2**20, 1),
+            }
+        busy = lambda t: t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0)  # noqa: E731
+        total_busy = busy(sys1) - busy(sys0)
+        ours = sum(v["cpu_s"] for v in out.values())
+        out["machine"] = {
+            "role": "machine",
+            "pids": [],
+            "cpu_s": round(total_busy, 3),
+            "cpu_percent": round(100 * total_busy / wall, 1),
+            "rss_mb": round((psutil.virtual_memory().total - psutil.virtual_memory().available) / 2**20, 1),
+            "peak_rss_mb": 0.0,
+            "cores": psutil.cpu_count(),
+            "other_cpu_percent": round(100 * max(0.0, total_busy - ours) / wall, 1),
+        }
+        self.result = out
+
+
+def cluster_groups(cluster: dict) -> list[Group]:
+    """Node processes from cluster.json, plus the etcd and PostgreSQL that `sms up` started (found
+    among the children of the nodes' parent), plus this process as the generator."""
+    groups = [Group(n["name"], "node", [n["pid"]]) for n in cluster["nodes"] if n.get("pid")]
+    parents = set()
+    for n in cluster["nodes"]:
+        try:
+            parents.add(psutil.Process(n["pid"]).ppid())
+        except psutil.Error:
+            pass
+    etcd, pg = [], []
+    for ppid in parents:
+        try:
+            for child in psutil.Process(ppid).children():
+                name = child.name()
+                if name.startswith("etcd"):
+                    etcd.append(child.pid)
+                elif name.startswith("postgres"):
+                    pg.append(child.pid)
+        except psutil.Error:
+            pass
+    if etcd:
+        groups.append(Group("etcd", "etcd", etcd))
+    if pg:
+        groups.append(Group("postgres", "postgres", pg, children=True))
+    groups.append(Group("generator", "generator", [os.getpid()]))
+    return groups

@@ -1,0 +1,272 @@
+"""Orchestration: run points and sweeps against sms, NATS JetStream and raw GossipSub with the same
+engine and Recorder, and turn them into result documents. The CLI (benchmarks/cli.py) calls these."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import anyio
+import trio
+
+from .cluster import local_cluster, raise_fd_limit
+from .engine import run_point
+from .recorder import Recorder
+from .resources import Group, ResourceMonitor, cluster_groups
+from .schedule import Workload, client_plan, host_plan
+from .sweep import SweepPolicy, SweepState, verdict
+
+Say = Callable[[str], None]
+SYSTEM_ROLES = ("node", "etcd", "postgres", "nats-server")
+
+
+def point_record(rec: Recorder, workload: Workload, resources: dict, policy: SweepPolicy, extra: dict | None = None) -> dict:
+    p = rec.summary(workload.duration_s)
+    p = {"offered_rate": workload.rate, "duration_s": workload.duration_s, **p}
+    p["resources"] = resources
+    system_cpu = sum(v["cpu_s"] for v in resources.values() if v.get("role") in SYSTEM_ROLES or v.get("role") == "node+generator")
+    p["system_cpu_s"] = round(system_cpu, 3)
+    p["cpu_ms_per_delivery"] = round(1000 * system_cpu / p["delivered"], 4) if p["delivered"] else None
+    p["cpu_ms_per_send"] = round(1000 * system_cpu / p["sent"], 4) if p["sent"] else None
+    gen = resources.get("generator", {})
+    p["generator_cpu_percent"] = gen.get("cpu_percent")
+    p["machine_cpu_percent"] = resources.get("machine", {}).get("cpu_percent")
+    p["other_cpu_percent"] = resources.get("machine", {}).get("other_cpu_percent")
+    held, reasons = verdict(p, policy.p99_limit_ms, policy.max_loss_ratio)
+    p["held"], p["reasons"] = held, reasons
+    if extra:
+        p.update(extra)
+    return p
+
+
+def point_line(system: str, p: dict) -> str:
+    d = p["delivery_ms"]
+    return (f"  {system:9s} R={p['offered_rate']:>8g}/s  p50={d['p50']} p99={d['p99']} max={d['max']} ms  "
+            f"ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
+            f"err={p['send_errors']} notsent={p['not_sent']}  {p['throughput']['deliveries_per_s']:g} deliv/s  "
+            f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  "
+            f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}")
+
+
+async def quiet(transport, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+    """Wait until no frame arrived for quiet_s (a failed point's backlog has drained), at most limit_s."""
+    deadline = time.monotonic() + limit_s
+    last = getattr(transport, "frames", 0)
+    last_change = time.monotonic()
+    while time.monotonic() < deadline:
+        await anyio.sleep(0.2)
+        now = getattr(transport, "frames", 0)
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            return
+
+
+async def drive(run_rate: Callable[[float, int], Awaitable[dict]], policy: SweepPolicy, rates: list[float] | None,
+                say: Say, name: str) -> dict:
+    """Fixed `rates`, or a sweep by `policy`. Returns the system's result entry."""
+    points: list[dict] = []
+    state = SweepState(policy.validate())
+    i = 0
+    while True:
+        if rates is not None:
+            if i >= len(rates):
+                break
+            rate = rates[i]
+        else:
+            rate = state.next_rate()
+            if rate is None:
+                break
+        i += 1
+        p = await run_rate(rate, i)
+        state.record(rate, p["held"])
+        points.append(p)
+        say(point_line(name, p))
+    points.sort(key=lambda p: p["offered_rate"])
+    held = [p["offered_rate"] for p in points if p["held"]]
+    return {
+        "points": points,
+        "max_sustained_rate": max(held) if held else None,
+        "stop_reason": state.stop_reason() if rates is None else "fixed rates",
+    }
+
+
+# -- sms
+
+async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say,
+                     users: int | None = None, profile: dict | None = None) -> dict:
+    """Runs points against a running cluster. profile={"rate": R, "dir": Path} runs py-spy on node 0
+    during the point at rate R (or the last point)."""
+    from .sms_client import SmsTransport
+
+    plan = client_plan(workload, len(cluster["nodes"]))
+    groups = cluster_groups(cluster)
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        transport = SmsTransport(cluster, plan, users=users, say=say)
+        say(f"sms: {workload.clients} clients over {len(cluster['nodes'])} nodes, {workload.senders} senders, "
+            f"{workload.rooms} rooms, {workload.body_bytes} B bodies")
+        await transport.setup(stack, nursery)
+        profiles: list[dict] = []
+
+        async def run_rate(rate: float, i: int) -> dict:
+            w = replace(workload, rate=rate)
+            mon = ResourceMonitor(groups)
+            spy = None
+            if profile is not None and (profile.get("rate") is None or abs(profile["rate"] - rate) < 1e-9):
+                spy = start_py_spy(cluster["nodes"][0]["pid"], w, Path(profile["dir"]), f"sms-node0-R{rate:g}")
+            rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
+            p = point_record(rec, w, mon.result, policy, {"ws_closed": dict(transport.ws_closed)})
+            if spy is not None:
+                profiles.append(finish_py_spy(spy, rate))
+            await quiet(transport)
+            return p
+
+        result = await drive(run_rate, policy, rates, say, "sms")
+        if profiles:
+            result["profiles"] = profiles
+        result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients}
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+# -- NATS
+
+def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say, work_dir: Path) -> dict:
+    from .nats_client import NatsTransport, nats_server, server_pid_groups
+
+    plan = client_plan(workload, 1)
+    with nats_server(work_dir, say) as server:
+        async def main() -> dict:
+            transport = NatsTransport(server["url"], plan, say=say)
+            say(f"nats: {workload.clients} clients, {workload.senders} senders, {workload.rooms} rooms, "
+                f"JetStream file storage, publish waits for the PubAck")
+            await transport.setup()
+            groups = server_pid_groups(server["pid"])
+
+            async def run_rate(rate: float, i: int) -> dict:
+                w = replace(workload, rate=rate)
+                mon = ResourceMonitor(groups)
+                rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
+                p = point_record(rec, w, mon.result, policy)
+                await quiet(transport)
+                return p
+
+            try:
+                return await drive(run_rate, policy, rates, say, "nats")
+            finally:
+                await transport.aclose()
+
+        result = anyio.run(main, backend="asyncio")
+    result["layout"] = {"servers": 1, "storage": "file"}
+    return result
+
+
+# -- raw GossipSub
+
+async def gossip_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say,
+                        hosts: int = 3) -> dict:
+    from .gossip import GossipCluster
+
+    gc = GossipCluster(hosts, workload.rooms, say)
+    say(f"gossipsub: {hosts} hosts (processes), {workload.senders} senders, {workload.rooms} topics; "
+        "the generator runs inside the hosts")
+    try:
+        await trio.to_thread.run_sync(gc.start)
+        groups = [Group(f"host-{i}", "node+generator", [pid]) for i, pid in enumerate(gc.pids)]
+        groups.append(Group("generator", "generator", [os.getpid()]))
+
+        async def run_rate(rate: float, i: int) -> dict:
+            w = replace(workload, rate=rate, drain_s=min(workload.drain_s, 3.0))
+            mon = ResourceMonitor(groups)
+            rec = await gc.run_point(w, i, window=mon.window)
+            p = point_record(rec, w, mon.result, policy)
+            await trio.sleep(1.0)
+            return p
+
+        result = await drive(run_rate, policy, rates, say, "gossipsub")
+    finally:
+        await trio.to_thread.run_sync(gc.stop)
+    result["layout"] = {"hosts": hosts, "recipients_per_message": hosts - 1, "generator": "inside the hosts"}
+    return result
+
+
+# -- profiling
+
+def start_py_spy(pid: int, w: Workload, out_dir: Path, stem: str) -> dict:
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).parent / "py-spy"
+    exe_s = str(exe) if exe.exists() else shutil.which("py-spy")
+    if not exe_s:
+        return {"error": "py-spy not installed (bench extra)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / f"{stem}.txt"
+    # Sample the measured window only: start after the warm-up.
+    cmd = [exe_s, "record", "--pid", str(pid), "--duration", str(max(1, int(w.duration_s))), "--rate", "100",
+           "--format", "raw", "--output", str(raw), "--nonblocking"]
+    delay = max(0.0, w.warmup_s + 0.2)
+    proc = subprocess.Popen(["sh", "-c", f'sleep {delay}; exec "$@"', "sh", *cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return {"proc": proc, "raw": raw, "pid": pid}
+
+
+def finish_py_spy(spy: dict, rate: float) -> dict:
+    from .profile import summarize_collapsed
+
+    if "error" in spy:
+        return {"rate": rate, "error": spy["error"]}
+    proc: subprocess.Popen = spy["proc"]
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    raw: Path = spy["raw"]
+    if not raw.exists():
+        return {"rate": rate, "error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
+    summary = summarize_collapsed(raw.read_text())
+    return {"rate": rate, "pid": spy["pid"], "file": str(raw), **summary}
+
+
+# -- whole runs
+
+def load_cluster(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def with_cluster(cluster_file: Path | None, nodes: int, work_dir: Path, say: Say):
+    """A context manager yielding cluster info: the given cluster.json, or a fresh `sms up`."""
+    stack = ExitStack()
+    if cluster_file is not None:
+        info = load_cluster(cluster_file)
+
+        class _Given:
+            def __enter__(self):
+                return info
+
+            def __exit__(self, *exc):
+                return False
+
+        return _Given()
+    return local_cluster(nodes, work_dir, say)
+
+
+def work_dir_for(base: Path | None) -> Path:
+    raise_fd_limit()
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    return Path(tempfile.mkdtemp(prefix="sms-bench-"))
+
+
+def workload_config(workload: Workload, policy: SweepPolicy, rates: list[float] | None, **more) -> dict:
+    return {"workload": asdict(workload), "policy": asdict(policy), "rates": rates, **more}

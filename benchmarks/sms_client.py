@@ -1,0 +1,214 @@
+"""sms as a system under test, driven only through the public client contract (docs/api.md):
+accounts and rooms over REST, sends with PUT /v1/rooms/{room}/messages/{txn}, deliveries over the
+/v1/events WebSocket. Runs under trio (trio-websocket)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from .httpmini import HttpError, HttpPool
+from .schedule import Plan
+
+PASSWORD = "benchmark password"
+clock = time.monotonic
+
+
+@dataclass
+class Account:
+    name: str
+    user_id: str
+    token: str
+    node: int
+
+
+@dataclass
+class SmsTransport:
+    cluster: dict
+    plan: Plan
+    users: int | None = None          # accounts; client c logs in as account c % users (default: one each)
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    setup_concurrency: int = 8
+    connect_concurrency: int = 64
+    say: Callable[[str], None] = lambda s: None
+    sink: Callable[[int, str, float], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.nodes = [n["http"] for n in self.cluster["nodes"]]
+        self.accounts: list[Account] = []
+        self.room_ids: list[str] = []
+        self.pools: list[HttpPool] = []
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.ws_open = 0
+        self.ws_closed: dict[str, int] = {}
+        self.frames = 0
+
+    def account_of(self, client: int) -> int:
+        return client % (self.users or self.plan.clients)
+
+    def check_accounts(self) -> None:
+        """Every client of one account must be in the same rooms: the server delivers a member's
+        messages to all of its connections."""
+        rooms_of: dict[int, frozenset[int]] = {}
+        for c, rooms in enumerate(self.plan.client_rooms):
+            a = self.account_of(c)
+            if rooms_of.setdefault(a, rooms) != rooms:
+                raise ValueError("clients sharing an account must share rooms: pick users as a multiple of rooms")
+
+    async def _account(self, http: httpx.AsyncClient, i: int, node: int) -> Account:
+        base = self.nodes[node]
+        name = f"bench-{self.tag}-u{i}"
+        r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
+        r.raise_for_status()
+        r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
+        r.raise_for_status()
+        return Account(name, r.json()["user_id"], r.json()["token"], node)
+
+    async def setup(self, stack: AsyncExitStack, nursery: trio.Nursery) -> None:
+        """Accounts, rooms, memberships, WebSockets, send pools; then a probe message per room that
+        every member must receive (the rooms' meshes have formed)."""
+        self.check_accounts()
+        n_accounts = self.users or self.plan.clients
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=60))
+        accounts: list[Account | None] = [None] * n_accounts
+        limiter = trio.CapacityLimiter(self.setup_concurrency)
+        t0 = clock()
+
+        async def make(i: int) -> None:
+            async with limiter:
+                accounts[i] = await self._account(http, i, self.plan.client_nodes[i % self.plan.clients])
+
+        async with trio.open_nursery() as n:
+            for i in range(n_accounts):
+                n.start_soon(make, i)
+        self.accounts = [a for a in accounts if a is not None]
+        self.say(f"  {n_accounts} accounts in {clock() - t0:.1f}s")
+        # rooms: the first member creates it and adds the others
+        for k in range(self.plan.rooms):
+            member_accounts = sorted({self.account_of(c) for c in self.plan.members(k)})
+            admin = self.accounts[member_accounts[0]]
+            hdr = {"Authorization": f"Bearer {admin.token}"}
+            base = self.nodes[admin.node]
+            r = await http.post(base + "/v1/rooms", json={"name": f"bench-{self.tag}-r{k}"}, headers=hdr)
+            r.raise_for_status()
+            room_id = r.json()["room_id"]
+            self.room_ids.append(room_id)
+
+            async def add(a: int) -> None:
+                async with limiter:
+                    rr = await http.put(base + f"/v1/rooms/{room_id}/members/{self.accounts[a].user_id}",
+                                        json={"role": "member"}, headers=hdr)
+                    rr.raise_for_status()
+
+            async with trio.open_nursery() as n:
+                for a in member_accounts[1:]:
+                    n.start_soon(add, a)
+        self.say(f"  {self.plan.rooms} rooms with members in {clock() - t0:.1f}s")
+        # WebSockets
+        t1 = clock()
+
+        connected = trio.Semaphore(self.connect_concurrency)
+        failures: list[BaseException] = []
+
+        async def connect(c: int) -> None:
+            acc = self.accounts[self.account_of(c)]
+            url = self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://") + f"/v1/events?token={acc.token}"
+            await connected.acquire()
+            released = False
+            try:
+                async with open_websocket_url(url, connect_timeout=60, message_queue_size=4096) as ws:
+                    self.ws_open += 1
+                    connected.release()
+                    released = True
+                    try:
+                        while True:
+                            text = await ws.get_message()
+                            t = clock()
+                            self.frames += 1
+                            sink = self.sink
+                            if sink is not None:
+                                try:
+                                    body = json.loads(text).get("body")
+                                except (ValueError, AttributeError):
+                                    continue
+                                if isinstance(body, str):
+                                    sink(c, body, t)
+                    finally:
+                        self.ws_open -= 1
+            except ConnectionClosed as exc:
+                code = str(getattr(exc.reason, "code", "?"))
+                self.ws_closed[code] = self.ws_closed.get(code, 0) + 1
+            except (OSError, trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+            finally:
+                if not released:
+                    connected.release()
+
+        for c in range(self.plan.clients):
+            nursery.start_soon(connect, c)
+        with trio.move_on_after(300):
+            while self.ws_open + len(failures) + sum(self.ws_closed.values()) < self.plan.clients:
+                await trio.sleep(0.05)
+        if self.ws_open < self.plan.clients:
+            raise RuntimeError(f"only {self.ws_open} of {self.plan.clients} WebSockets opened; "
+                               f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
+        self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s")
+        # send paths
+        for client, room in self.plan.senders:
+            acc = self.accounts[self.account_of(client)]
+            u = urlsplit(self.nodes[self.plan.client_nodes[client]])
+            self.pools.append(HttpPool(u.hostname or "127.0.0.1", u.port or 80))
+            self.headers.append({"Authorization": f"Bearer {acc.token}", "Content-Type": "application/json"})
+            self.paths.append(f"/v1/rooms/{self.room_ids[room]}/messages/")
+        await self.probe(http)
+
+    async def probe(self, http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+        """One message per room from its first member; returns when every member client got it."""
+        want: dict[str, set[int]] = {}
+        got: dict[str, set[int]] = {}
+        for k, room_id in enumerate(self.room_ids):
+            body = f"probe-{self.tag}-{k}"
+            want[body] = set(self.plan.members(k))
+            got[body] = set()
+
+        def sink(c: int, body: str, t: float) -> None:
+            if body in got:
+                got[body].add(c)
+
+        self.sink = sink
+        t0 = clock()
+        try:
+            for k, room_id in enumerate(self.room_ids):
+                a = self.accounts[self.account_of(self.plan.members(k)[0])]
+                r = await http.put(self.nodes[a.node] + f"/v1/rooms/{room_id}/messages/probe-{self.tag}-{k}",
+                                   json={"body": f"probe-{self.tag}-{k}"}, headers={"Authorization": f"Bearer {a.token}"})
+                r.raise_for_status()
+            with trio.move_on_after(timeout_s):
+                while any(got[b] != want[b] for b in want):
+                    await trio.sleep(0.05)
+        finally:
+            self.sink = None
+        missing = sum(len(want[b] - got[b]) for b in want)
+        if missing:
+            raise RuntimeError(f"probe: {missing} member clients did not receive their room's probe in {timeout_s}s")
+        self.say(f"  probe delivered to every member in {clock() - t0:.2f}s")
+
+    async def send(self, sender: int, body: str, txn: str) -> None:
+        data = json.dumps({"body": body}).encode()
+        status, resp = await self.pools[sender].request("PUT", self.paths[sender] + txn, self.headers[sender], data)
+        if status != 200:
+            raise HttpError(status, resp)
+
+    async def aclose(self) -> None:
+        for p in self.pools:
+            await p.aclose()

@@ -1,0 +1,67 @@
+"""The result document schema (benchmarks/results.py) and the profile summary (benchmarks/profile.py)."""
+
+import copy
+
+import pytest
+
+from sms.benchmarks.profile import component, summarize_collapsed
+from sms.benchmarks.results import SchemaError, result_doc, validate_result
+
+ENV = {"machine": {"logical_cpus": 2}, "versions": {"sms": "0.1.0"}, "git": {"commit": "abc", "dirty": False}}
+LAT = {"count": 1, "p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0, "mean": 1.0}
+
+
+def pt(rate, held):
+    return {
+        "offered_rate": rate, "duration_s": 10.0, "scheduled": 10, "sent": 10, "acked": 10, "send_errors": 0,
+        "not_sent": 0, "expected_deliveries": 20, "delivered": 20, "lost": 0, "loss_ratio": 0.0,
+        "duplicates": 0, "delivery_ms": dict(LAT), "ack_ms": dict(LAT), "lag_ms": dict(LAT),
+        "throughput": {"sends_per_s": 1.0}, "held": held, "reasons": [],
+        "resources": {"node-0": {"cpu_s": 1.0, "cpu_percent": 10.0, "rss_mb": 100.0, "peak_rss_mb": 100.0, "role": "node"}},
+    }
+
+
+def sweep_doc():
+    systems = {"sms": {"points": [pt(50, True), pt(100, True), pt(200, False)], "max_sustained_rate": 100}}
+    return result_doc("sweep", {"workload": {}}, systems, env=ENV)
+
+
+def test_a_well_formed_sweep_validates():
+    doc = sweep_doc()
+    assert doc["schema"] == "sms-bench/1" and doc["git"]["commit"] == "abc"
+    assert validate_result(doc) is doc
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d.pop("git"),
+    lambda d: d.update(kind="soak"),
+    lambda d: d["systems"]["sms"].update(max_sustained_rate=200),
+    lambda d: d["systems"]["sms"]["points"][0].pop("delivery_ms"),
+    lambda d: d["systems"]["sms"]["points"][0].update(lost=3),
+    lambda d: d["systems"]["sms"]["points"][0].update(held="yes"),
+    lambda d: d["systems"]["sms"]["points"][0]["ack_ms"].pop("p99"),
+    lambda d: d["systems"]["sms"]["points"][0]["resources"]["node-0"].pop("rss_mb"),
+    lambda d: d.update(systems={}),
+])
+def test_broken_documents_are_refused(breakage):
+    doc = copy.deepcopy(sweep_doc())
+    breakage(doc)
+    with pytest.raises(SchemaError):
+        validate_result(doc)
+
+
+def test_profile_summary_attributes_self_and_inclusive_time():
+    text = "\n".join([
+        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1);publish (/work/main/node/adapters/p2p.py:5);"
+        "write (/x/lib/python3.11/site-packages/libp2p/stream.py:9) 30",
+        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1);append (/work/main/node/adapters/sql.py:7) 10",
+        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1) 60",
+        "garbage line",
+    ])
+    s = summarize_collapsed(text)
+    assert s["samples"] == 100
+    assert dict(s["self_by_component_pct"]) == {"trio": 60.0, "libp2p": 30.0, "sms.node.adapters": 10.0}
+    assert dict(s["inclusive_by_component_pct"])["trio"] == 100.0
+    assert dict(s["inclusive_by_component_pct"])["sms.node.adapters"] == 40.0
+    assert component("/usr/lib/python3.11/json/decoder.py") == "stdlib"
+    assert component("/work/main/crdt/hlc.py") == "sms.crdt"
