@@ -29,13 +29,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import msgpack
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sms.crdt.hlc import HybridClock
 
 from .adapters.etcd import EtcdRegistry
-from .registry_feed import serve_registry_cache
+from .registry_feed import serve_node_registration, serve_registry_cache
 from .adapters.p2p import P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
@@ -72,12 +73,14 @@ from .core.rooms import (
     RoomCore,
     SendRequested,
 )
-from .errors import BadRequest, Conflict, Forbidden, NotFound, SmsError, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, PeerError, SmsError, Unauthorized, Unavailable
 from .hub import Hub
 from .passwords import hash_password, verify_password
 from .ports import History, Registry
 
 log = logging.getLogger("sms.node")
+SYNC_REPLY_MESSAGES = 5_000
+NODE_LEASE_TTL_S = 10
 
 
 def wall_ms() -> int:
@@ -103,6 +106,9 @@ class _MembershipView:
 
     def is_member(self, room_id: str, user_id: str) -> bool:
         return self._cache.is_member(room_id, user_id)
+
+    def has_session(self, user_id: str) -> bool:
+        return self._cache.has_session(user_id)
 
 
 @dataclass
@@ -148,6 +154,7 @@ class Node:
     _repair_wanted: trio.Event = field(default_factory=trio.Event)
     repaired: int = 0
     repaired_bytes: int = 0
+    synced: int = 0
     presence: Presence = field(default_factory=Presence)
     typing: Typing = field(default_factory=Typing)
     local_presence: dict[str, str] = field(default_factory=dict)  # users this node announces
@@ -236,9 +243,22 @@ class Node:
         return {"room_id": room_id, "name": room.name if room else None, "members": members}
 
     def on_registry_change(self, change) -> None:
-        """Tells clients about membership changes that concern them (called by the cache feed
-        after the cache applied the change)."""
-        if change is None or change.kind != "member" or not change.deleted:
+        """Reacts to registry changes the cache feed applied: node admissions and removals cut
+        peers off or let them back at once; membership changes are told to the clients they
+        concern."""
+        if change is None:
+            if self.nursery is not None:
+                self.nursery.start_soon(self.p2p.enforce_admission)
+            return
+        if change.kind == "node":
+            peer = change.key[0]
+            if change.deleted:
+                if self.nursery is not None:
+                    self.nursery.start_soon(self.p2p.cut_off, peer)
+            else:
+                self.p2p.readmit(peer)
+            return
+        if change.kind != "member" or not change.deleted:
             return
         room_id, user_id = change.key
         if self.cache.room(room_id) is None:
@@ -599,6 +619,79 @@ class Node:
                     continue  # a clock too far ahead: ignore the announcement
                 self._presence_changed(user_id, status, ts, frame.origin)
 
+    # -- sync protocol (/sms/sync/1.0.0): version vectors out, missing messages back
+
+    async def handle_sync(self, request: bytes, peer: str) -> bytes:
+        """Answers a peer's version vectors with what history holds beyond them."""
+        try:
+            body = msgpack.unpackb(request, raw=False, strict_map_key=True)
+            version, vectors = body
+            if version != 1 or not isinstance(vectors, dict) or len(vectors) > 10_000:
+                raise ValueError
+            wanted = {
+                str(room): {str(o): int(q) for o, q in vv.items()}
+                for room, vv in vectors.items()
+                if isinstance(room, str) and isinstance(vv, dict)
+            }
+        except Exception:
+            raise PeerError("malformed sync request") from None
+        out: list[list] = []
+        budget = SYNC_REPLY_MESSAGES
+        for room_id, vector in wanted.items():
+            if self.cache.room(room_id) is None or budget <= 0:
+                continue
+            for origin, upto in (await self.history.version_vector(room_id)).items():
+                have = vector.get(origin, 0)
+                if upto > have and budget > 0:
+                    batch = await self.history.messages_after(room_id, origin, have, min(budget, 500))
+                    budget -= len(batch)
+                    out.extend(
+                        [m.room_id, m.message_id, m.sender, m.body, m.ts, m.txn_id, m.origin, m.seq, m.membership_rev]
+                        for m in batch
+                    )
+        return msgpack.packb([1, out], use_bin_type=True)
+
+    async def sync_with(self, peer: str) -> int:
+        """Pulls from a peer what it holds and we have not delivered; returns how many."""
+        rooms = [r.room_id for r in self.cache.all_rooms()]
+        for room_id in rooms:
+            await self.ready_room(room_id)
+        request = msgpack.packb([1, {r: self.tracker.vector(r) for r in rooms}], use_bin_type=True)
+        reply = await self.p2p.sync_request(peer, request)
+        if reply is None:
+            return 0
+        try:
+            version, items = msgpack.unpackb(reply, raw=False, strict_map_key=True)
+            if version != 1 or not isinstance(items, list):
+                raise ValueError
+            by_room: dict[str, list[Message]] = {}
+            for it in items:
+                room_id, message_id, sender, body, ts, txn_id, origin, seq, rev = it
+                by_room.setdefault(room_id, []).append(
+                    Message(message_id, room_id, sender, body, ts, txn_id, origin, seq, rev)
+                )
+            for room_id, messages in by_room.items():
+                if messages and all(m.body for m in messages):
+                    self.core.check_frame(Frame(KIND_MESSAGES, room_id, "", tuple(messages)), wall_ms(), live=False)
+        except (ValueError, TypeError, FrameError):
+            self.p2p.strike(peer)
+            log.info("bad sync reply from %s", peer)
+            return 0
+        pulled = 0
+        for room_id, messages in by_room.items():
+            for effect in self.core.step(HistoryFetched(tuple(messages))):
+                if isinstance(effect, Deliver):
+                    pulled += len(effect.messages)
+                    self._deliver(effect.messages)
+            for m in messages:
+                self.tracker.add(room_id, m.origin, m.seq)
+        self.synced += pulled
+        return pulled
+
+    def on_peer_connected(self, peer: str) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self.sync_with, peer)
+
     # -- health
 
     @property
@@ -627,6 +720,8 @@ class Node:
             "websocket_connections": self.hub.connections,
             "repaired_messages": self.repaired,
             "repaired_bytes": self.repaired_bytes,
+            "synced_messages": self.synced,
+            "peer_scores": self.p2p.peer_scores(),
             "health": self.health(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "p2p": vars(self.p2p.stats),
@@ -691,6 +786,9 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     bootstrap=config.bootstrap,
                     on_frame=lambda *a: node_ref[0].on_frame(*a),
                     validator=lambda *a: node_ref[0].validate_frame(*a),
+                    admission=cache.admitted,
+                    sync_handler=lambda *a: node_ref[0].handle_sync(*a),
+                    on_peer_connected=lambda peer: node_ref[0].on_peer_connected(peer),
                 )
                 core.origin = p2p.peer_id
                 node = Node(
@@ -707,6 +805,15 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 node.nursery = nursery
                 send, receive = trio.open_memory_channel(100_000)
                 node._outbox_send = send
+                # Admitted before we dial anyone: peers gate connections on this registration.
+                await nursery.start(
+                    functools.partial(
+                        serve_node_registration, registry, p2p.peer_id,
+                        {"name": config.name, "http": f"http://{config.http_host}:{config.http_port}",
+                         "multiaddr": f"/ip4/{config.p2p_host}/tcp/{config.p2p_port}/p2p/{p2p.peer_id}"},
+                        ttl_s=NODE_LEASE_TTL_S,
+                    )
+                )
                 await nursery.start(p2p.serve)
                 nursery.start_soon(node.serve_publisher, receive)
                 nursery.start_soon(node.serve_health_probes)

@@ -15,14 +15,12 @@ py-libp2p 0.8.1 settings we rely on (measured, see docs/protocol.md):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections import OrderedDict
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import multiaddr
 import trio
@@ -35,12 +33,15 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.abc import INotifee
+from libp2p.custom_types import TProtocol
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from ..errors import BadRequest
+from ..errors import BadRequest, PeerError
 
 log = logging.getLogger("sms.p2p")
 
@@ -48,8 +49,19 @@ TOPIC_PREFIX = "sms/v1/room/"
 PRESENCE_TOPIC = "sms/v1/presence"
 NODES_KEY = "sms-v1-nodes"
 
+SYNC_PROTOCOL = TProtocol("/sms/sync/1.0.0")
+MAX_SYNC_BYTES = 8 * 1024 * 1024
+# A peer whose frames are rejected this many times within STRIKE_WINDOW_S is cut off for CUT_OFF_S.
+MAX_STRIKES = 10
+STRIKE_WINDOW_S = 60.0
+CUT_OFF_S = 60.0
+
 # (room_id, data, author peer id) -> None. Called for every frame that passed the validator.
 FrameHandler = Callable[[str, bytes, str], None]
+# peer id -> may this peer be part of the mesh (registered in etcd under a live lease)?
+Admission = Callable[[str], bool]
+# (request bytes, requesting peer) -> reply bytes. Raises PeerError to refuse.
+SyncHandler = Callable[[bytes, str], Awaitable[bytes]]
 # (room_id, data, author peer id) -> bool. Runs at every hop, before a frame is forwarded.
 FrameValidator = Callable[[str, bytes, str], bool]
 
@@ -91,6 +103,12 @@ class P2PStats:
     bytes_published: int = 0
     bytes_received: int = 0
     dial_failures: int = 0
+    strikes: int = 0
+    cut_offs: int = 0
+    refused_connections: int = 0
+    sync_refused: int = 0
+    sync_bytes_in: int = 0
+    sync_bytes_out: int = 0
 
 
 @dataclass
@@ -102,6 +120,9 @@ class P2PNode:
     on_frame: FrameHandler | None = None
     validator: FrameValidator | None = None
     listen_host: str = "127.0.0.1"
+    admission: Admission | None = None
+    sync_handler: SyncHandler | None = None
+    on_peer_connected: Callable[[str], None] | None = None
     stats: P2PStats = field(default_factory=P2PStats)
 
     def __post_init__(self) -> None:
@@ -122,6 +143,7 @@ class P2PNode:
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,
             eclipse_protection_enabled=False,
+            score_params=self._score_params(),
         )
         self.pubsub = Pubsub(self.host, self.gossipsub, strict_signing=True)
         self.dht = KadDHT(self.host, DHTMode.SERVER)
@@ -129,7 +151,36 @@ class P2PNode:
         self._rooms: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._bootstrap_connected = not self.bootstrap
-        self._validated: OrderedDict[bytes, None] = OrderedDict()
+        self._strikes: dict[str, list[float]] = {}
+        self._cut_off_until: dict[str, float] = {}
+        self.host.get_network().register_notifee(_AdmissionNotifee(self))
+        self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_stream)
+
+    def _score_params(self) -> ScoreParams:
+        """GossipSub's peer scoring, set deliberately. In py-libp2p 0.8.1 the scorer is minimal
+        (counters and thresholds, no decay schedule of its own); our validators, strikes and
+        node admission are the real defence, and these make GossipSub itself stop gossiping to,
+        and accepting publishes from, a peer whose frames keep failing validation."""
+        return ScoreParams(
+            p4_invalid_messages=TopicScoreParams(weight=10.0, cap=100.0, decay=0.9),  # subtracted, as p5
+            # py-libp2p subtracts excess * weight, so this weight is positive (go's is negative).
+            p5_behavior_penalty_weight=1.0,
+            p5_behavior_penalty_decay=0.9,
+            p5_behavior_penalty_threshold=0.0,
+            publish_threshold=-50.0,
+            gossip_threshold=-20.0,
+            graylist_threshold=-80.0,
+            accept_px_threshold=0.0,
+            p6_appl_slack_weight=1.0,
+            app_specific_score_fn=lambda peer: 0.0 if self._admitted(str(peer)) else -1000.0,
+        )
+
+    def _admitted(self, peer_id: str) -> bool:
+        if peer_id == self.peer_id:
+            return True
+        if self._cut_off_until.get(peer_id, 0) > trio.current_time():
+            return False
+        return self.admission(peer_id) if self.admission is not None else True
 
     def _listen_addr(self) -> multiaddr.Multiaddr:
         return multiaddr.Multiaddr(f"/ip4/{self.listen_host}/tcp/{self.listen_port}")
@@ -260,9 +311,13 @@ class P2PNode:
     def _make_validator(self, room_id: str):
         def validate(forwarder: ID, msg) -> bool:
             author = str(ID(msg.from_id))
-            ok = self.validator(room_id, msg.data, author) if self.validator else True
+            if not self._admitted(author) or not self._admitted(str(forwarder)):
+                ok = False
+            else:
+                ok = self.validator(room_id, msg.data, author) if self.validator else True
             if not ok:
                 self.stats.frames_rejected += 1
+                self.strike(str(forwarder), room_topic(room_id))
             return ok
 
         return validate
@@ -280,6 +335,105 @@ class P2PNode:
                 if self.on_frame is not None:
                     self.on_frame(room_id, msg.data, str(ID(msg.from_id)))
 
+    # -- admission and penalties
+
+    def strike(self, peer_id: str, topic: str | None = None) -> None:
+        """Counts a bad frame against the peer that sent it; too many and it is cut off."""
+        if peer_id == self.peer_id:
+            return
+        self.stats.strikes += 1
+        try:
+            pid = ID.from_base58(peer_id)
+            if topic is not None:
+                self.gossipsub.scorer.on_invalid_message(pid, topic)
+        except Exception:
+            return
+        now = trio.current_time()
+        recent = [t for t in self._strikes.get(peer_id, []) if now - t < STRIKE_WINDOW_S] + [now]
+        self._strikes[peer_id] = recent
+        if len(recent) >= MAX_STRIKES and self._nursery is not None:
+            self._cut_off_until[peer_id] = now + CUT_OFF_S
+            self._strikes.pop(peer_id, None)
+            log.warning("cutting off peer %s for %.0fs: %d bad frames", peer_id, CUT_OFF_S, len(recent))
+            self._nursery.start_soon(self.cut_off, peer_id)
+
+    async def cut_off(self, peer_id: str) -> None:
+        """Disconnects a peer and refuses its frames (it is no longer admitted, or misbehaved)."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:
+            return
+        self.stats.cut_offs += 1
+        # Below the publish threshold on every topic: no frame of ours is sent its way.
+        self.gossipsub.scorer.penalize_behavior(pid, 1000.0)
+        self.pubsub.add_to_blacklist(pid)
+        try:
+            await self.host.disconnect(pid)
+        except Exception as exc:
+            log.debug("disconnect %s: %s", peer_id, exc)
+
+    def readmit(self, peer_id: str) -> None:
+        """A peer registered (again): forget its cut-off, so it can rejoin the mesh."""
+        self._cut_off_until.pop(peer_id, None)
+        try:
+            pid = ID.from_base58(peer_id)
+            self.pubsub.remove_from_blacklist(pid)
+            self.gossipsub.scorer.behavior_penalty.pop(pid, None)
+        except Exception:
+            pass
+
+    async def enforce_admission(self) -> None:
+        """Cuts off every connected peer that is not (or no longer) admitted."""
+        for peer in list(self.host.get_connected_peers()):
+            if not self._admitted(str(peer)):
+                await self.cut_off(str(peer))
+
+    def peer_scores(self) -> dict[str, float]:
+        topics = [room_topic(r) for r in self._rooms]
+        try:
+            return {str(p): round(self.gossipsub.scorer.score(p, topics), 2) for p in self.host.get_connected_peers()}
+        except Exception:
+            return {}
+
+    # -- sync protocol: length-prefixed request, length-prefixed reply, one exchange per stream
+
+    async def _serve_sync_stream(self, stream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(10):
+                if not self._admitted(peer) or self.sync_handler is None:
+                    self.stats.sync_refused += 1
+                    await stream.reset()
+                    return
+                request = await _read_frame(stream)
+                self.stats.sync_bytes_in += len(request)
+                reply = await self.sync_handler(request, peer)
+                await _write_frame(stream, reply)
+                self.stats.sync_bytes_out += len(reply)
+                await stream.close()
+        except PeerError as err:
+            self.strike(peer)
+            log.info("sync request from %s refused: %s", peer, err)
+            await _reset_quietly(stream)
+        except Exception as exc:  # a broken stream is the peer's problem, not ours
+            log.debug("sync stream with %s failed: %s", peer, exc)
+            await _reset_quietly(stream)
+
+    async def sync_request(self, peer_id: str, request: bytes) -> bytes | None:
+        """One sync exchange with a peer; None if it failed or was refused."""
+        try:
+            with trio.fail_after(10):
+                stream = await self.host.new_stream(ID.from_base58(peer_id), [SYNC_PROTOCOL])
+                await _write_frame(stream, request)
+                self.stats.sync_bytes_out += len(request)
+                reply = await _read_frame(stream)
+                self.stats.sync_bytes_in += len(reply)
+                await stream.close()
+                return reply
+        except Exception as exc:
+            log.debug("sync with %s failed: %s", peer_id, exc)
+            return None
+
     async def publish(self, room_id: str, data: bytes) -> None:
         if room_id not in self._rooms:
             await self.join_room(room_id)
@@ -292,5 +446,60 @@ class P2PNode:
         self.stats.bytes_published += len(data)
 
 
-def frame_digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+async def _read_exact(stream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise PeerError("sync stream ended early")
+        buf += chunk
+    return buf
+
+
+async def _read_frame(stream) -> bytes:
+    size = int.from_bytes(await _read_exact(stream, 4), "big")
+    if size > MAX_SYNC_BYTES:
+        raise PeerError(f"sync frame of {size} bytes is over the cap")
+    return await _read_exact(stream, size)
+
+
+async def _write_frame(stream, data: bytes) -> None:
+    await stream.write(len(data).to_bytes(4, "big") + data)
+
+
+async def _reset_quietly(stream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+class _AdmissionNotifee(INotifee):
+    """Connection gating: a peer that is not admitted is disconnected as soon as it connects."""
+
+    def __init__(self, node: P2PNode) -> None:
+        self._node = node
+
+    async def connected(self, network, conn) -> None:
+        peer = str(conn.muxed_conn.peer_id)
+        if not self._node._admitted(peer):
+            self._node.stats.refused_connections += 1
+            log.info("refusing connection from %s: not an admitted node", peer)
+            await self._node.cut_off(peer)
+        elif self._node.on_peer_connected is not None:
+            self._node.on_peer_connected(peer)
+
+    async def disconnected(self, network, conn) -> None:
+        pass
+
+    async def opened_stream(self, network, stream) -> None:
+        pass
+
+    async def closed_stream(self, network, stream) -> None:
+        pass
+
+    async def listen(self, network, multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:
+        pass

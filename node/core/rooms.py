@@ -46,6 +46,8 @@ class MembershipView(Protocol):
 
     def is_member(self, room_id: str, user_id: str) -> bool: ...
 
+    def has_session(self, user_id: str) -> bool: ...
+
 
 # --- events ---------------------------------------------------------------------------------------
 
@@ -214,8 +216,10 @@ class RoomCore:
 
     # -- receiving
 
-    def check_frame(self, frame: Frame, now_ms: int) -> None:
-        """Raises FrameError unless every message in the frame may be shown to clients."""
+    def check_frame(self, frame: Frame, now_ms: int, *, live: bool = True) -> None:
+        """Raises FrameError unless every message in the frame may be shown to clients. A live
+        frame (gossip) must come from a sender who has a session now; messages pulled by sync
+        may be older than their sender's last logout."""
         if not self.members.room_exists(frame.room_id):
             raise FrameError("frame for an unknown room")
         for m in frame.messages:
@@ -223,6 +227,8 @@ class RoomCore:
                 raise FrameError("message id does not match its content")
             if not self.members.is_member(m.room_id, m.sender):
                 raise FrameError("sender is not a member of the room")
+            if live and not self.members.has_session(m.sender):
+                raise FrameError("sender has no live session")
             try:
                 validate_body(m.body)
             except ClientError as err:

@@ -37,9 +37,12 @@ class Members:
     def is_member(self, room_id: str, user_id: str) -> bool:
         return user_id in self.rooms.get(room_id, ())
 
+    def has_session(self, user_id: str) -> bool:
+        return user_id != "logged-out"
+
 
 def make_core(origin: str = "peerA") -> RoomCore:
-    return RoomCore(origin=origin, clock=HybridClock(), members=Members({"r1": {"alice", "bob"}}))
+    return RoomCore(origin=origin, clock=HybridClock(), members=Members({"r1": {"alice", "bob", "logged-out"}}))
 
 
 def send(core: RoomCore, rid: int, user: str = "alice", room: str = "r1", txn: str = "t1",
@@ -123,6 +126,7 @@ def test_frames_from_peers_are_delivered_once() -> None:
         peer_message(sender="mallory"),  # not a member
         Message("forged", "r1", "bob", "yo", 2_000 << 16, "x", "peerB", 1, 7),  # id not derived
         peer_message(ts=(2_000 + 3_600_000) << 16),  # an hour ahead of our clock
+        Message(message_id_for("r1", "logged-out", "x"), "r1", "logged-out", "yo", 2_000 << 16, "x", "peerB", 1, 7),
     ],
 )
 def test_bad_frames_are_rejected_and_blamed_on_the_peer(bad: Message) -> None:
