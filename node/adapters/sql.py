@@ -36,6 +36,18 @@ Outages: the pool (psycopg_pool) reconnects in the background with backoff; whil
 down every call fails within `pool_timeout` with Unavailable, and once it is back calls succeed
 again without reopening the history.
 
+`pool_timeout` is a budget per call, not per wait: it covers waiting for a worker slot (the
+limiter), waiting for a pooled connection and the one reconnect after a lost connection, all
+measured from when the call was made (for an append under group commit: from when it was queued;
+a batch gets the budget of its oldest request). Without that, callers queued behind others
+during an outage added one pool timeout per queue they waited in: measured on a 3-node cluster
+with PostgreSQL stopped under load, sends were refused after up to 10.2 s, twice the documented
+5 s, because the group-commit batch in flight lost its connection, retried, and waited for a
+connection a second time, and the batcher itself waited for a worker slot behind the health probe
+and gap repair, each spending its own 5 s. A slot or connection that is free is always taken, even
+when the budget is spent, so a healthy database never refuses a call for having been slow to
+reach it.
+
 CockroachDB: detected from `SELECT version()` (`history.is_cockroach`). The SQL is the common
 subset: content-derived keys (no SERIAL), ON CONFLICT, row-value keyset comparisons, no triggers,
 LISTEN/NOTIFY or advisory locks. Migrations run each DDL statement in its own implicit
@@ -98,6 +110,8 @@ _CHUNK = 256
 # transaction and a long delete would block writers on PostgreSQL.
 _DELETE_CHUNK = 1000
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "40003"})
+# The least a call waits for a pooled connection even when its budget is spent (see _transact).
+_MIN_CONNECTION_WAIT = 0.05
 
 _COLS = "room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev"
 
@@ -279,6 +293,7 @@ class HistoryStats:
 @dataclass(eq=False, slots=True)
 class _AppendRequest:
     messages: list[Message]
+    deadline: float  # trio clock: when the caller should hear Unavailable at the latest (pool_timeout)
     done: trio.Event = field(default_factory=trio.Event)
     result: list[Message] | None = None
     error: BaseException | None = None
@@ -361,7 +376,12 @@ class SqlHistory:
             check=ConnectionPool.check_connection,
             name="sms-history",
         )
+        self.pool_timeout = pool_timeout
+        # Slots for callers (each holds one while its transaction runs in a thread): acquired in
+        # _run with the call's deadline. The worker threads themselves run under _threads, which
+        # never blocks because every thread is started by a caller holding a slot.
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._threads = trio.CapacityLimiter(pool_size)
         self._send: trio.MemorySendChannel[_AppendRequest] | None = None
         self._recv: trio.MemoryReceiveChannel[_AppendRequest] | None = None
         self._closed = False
@@ -372,18 +392,42 @@ class SqlHistory:
     def _configure(conn: psycopg.Connection) -> None:
         conn.isolation_level = IsolationLevel.SERIALIZABLE
 
-    async def _run(self, op: str, work: Callable[[psycopg.Connection], T]) -> T:
+    async def _run(self, op: str, work: Callable[[psycopg.Connection], T], *, deadline: float | None = None) -> T:
+        """Runs `work` in one transaction in a worker thread. `deadline` (trio clock) bounds the
+        waits for a slot and a connection; it defaults to now + pool_timeout."""
         if self._closed:
             raise Unavailable("history is closed")
-        return await trio.to_thread.run_sync(self._transact, op, work, limiter=self._limiter)
+        if deadline is None:
+            deadline = trio.current_time() + self.pool_timeout
+        try:
+            self._limiter.acquire_nowait()
+        except trio.WouldBlock:
+            acquired = False
+            with trio.move_on_at(deadline):
+                await self._limiter.acquire()
+                acquired = True
+            if not acquired:
+                raise Unavailable(
+                    f"database unreachable: no connection free within {self.pool_timeout:.1f} s "
+                    f"({self._limiter.statistics().tasks_waiting} more calls waiting)"
+                ) from None
+        try:
+            # Only the waits are bounded: once the thread runs, its transaction is not abandoned.
+            budget = deadline - trio.current_time()
+            return await trio.to_thread.run_sync(self._transact, op, work, budget, limiter=self._threads)
+        finally:
+            self._limiter.release()
 
-    def _transact(self, op: str, work: Callable[[psycopg.Connection], T]) -> T:
-        """One SERIALIZABLE transaction with retries (see the module docstring). Worker thread."""
+    def _transact(self, op: str, work: Callable[[psycopg.Connection], T], budget: float | None = None) -> T:
+        """One SERIALIZABLE transaction with retries (see the module docstring). Worker thread.
+        `budget` (seconds) bounds the total wait for pooled connections, across attempts; a
+        connection that is free is taken even when the budget is spent."""
+        deadline = time.monotonic() + (self.pool_timeout if budget is None else budget)
         attempt = 0
         reconnected = False
         while True:
             try:
-                with self._pool.connection() as conn:
+                with self._pool.connection(timeout=max(_MIN_CONNECTION_WAIT, deadline - time.monotonic())) as conn:
                     with conn.transaction():
                         result = work(conn)
                         if self.fault_hook is not None:
@@ -493,8 +537,9 @@ class SqlHistory:
 
     async def _flush(self, batch: list[_AppendRequest]) -> None:
         messages = [m for req in batch for m in req.messages]
+        deadline = min(req.deadline for req in batch)  # the oldest request's budget
         try:
-            stored = await self._run("append", lambda conn: self._write_messages(conn, messages))
+            stored = await self._run("append", lambda conn: self._write_messages(conn, messages), deadline=deadline)
         except (Unavailable, BadRequest) as e:
             for req in batch:
                 req.error = type(e)(e.message)  # a fresh exception per caller: tracebacks differ
@@ -527,7 +572,7 @@ class SqlHistory:
             return await self._run("append", lambda conn: self._write_messages(conn, msgs))
         if self._send is None or self._closed:
             raise Unavailable("history is closed")
-        req = _AppendRequest(msgs)
+        req = _AppendRequest(msgs, trio.current_time() + self.pool_timeout)
         try:
             await self._send.send(req)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
