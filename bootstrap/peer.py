@@ -113,6 +113,7 @@ async def serve_bootstrap_peer(
         secret=parse_secret(config.secret),
         bootstrap=config.bootstrap,
     )
+    wrote_state = False
     try:
         with _plain_errors():
             async with trio.open_nursery() as nursery:
@@ -129,10 +130,12 @@ async def serve_bootstrap_peer(
                     await _register(nursery, config, p2p.peer_id, addrs)
                     registered = True
                 _write_state(config.state_path, p2p.peer_id, addrs)
+                wrote_state = True
                 task_status.started(BootstrapReady(peer_id=p2p.peer_id, multiaddrs=addrs, registered=registered))
                 nursery.start_soon(_report_peers, p2p, say)
     finally:
-        config.state_path.unlink(missing_ok=True)
+        if wrote_state:  # not another peer's, that holds the port we could not get
+            config.state_path.unlink(missing_ok=True)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
