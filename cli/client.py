@@ -707,10 +707,18 @@ class ChatScreen:
         self.status = "connecting"
         self.typing: dict[str, float] = {}  # user_id -> until (monotonic)
         self.newest: dict | None = None
+        # A catch-up shows nothing older than this: the history shown first, or else the chat's start.
+        self.floor = int(time.time() * 1000) << 16
 
-    def message(self, m: dict) -> None:
+    def start(self, history: list[dict]) -> None:
+        if history:
+            self.floor = min(m["ts"] for m in history)
+        for m in history:
+            self.message(m)
+
+    def message(self, m: dict, *, backfill: bool = False) -> None:
         with self.lock:
-            if m["message_id"] in self.seen:
+            if m["message_id"] in self.seen or (backfill and m["ts"] < self.floor):
                 return
             self.seen.add(m["message_id"])
             self.typing.pop(m["sender"], None)
@@ -778,7 +786,7 @@ async def follow_events(settings: Settings, ring: NodeRing, room_id: str, screen
                 r = await http.get(f"{node}/v1/rooms/{room_id}/messages", params={"limit": 50})
                 if r.status_code == 200:
                     for m in r.json()["messages"]:
-                        screen.message(m)
+                        screen.message(m, backfill=True)
             except httpx.HTTPError:
                 pass
 
@@ -921,8 +929,7 @@ def run_chat(settings: Settings, ring: NodeRing, room: dict, names: Names, page:
         screen = ChatScreen(names, lambda text: (sys.stdout.write(text + "\n"), sys.stdout.flush()))
 
     screen.note(f"#{room['name']} on {ring.current} — {CHAT_HELP}")
-    for m in page["messages"]:
-        screen.message(m)
+    screen.start(page["messages"])
     stopped = threading.Event()
     chores = Chores(settings, ring)
 
