@@ -223,5 +223,18 @@ def test_history_scrolls_back_the_socket_reconnects_and_the_session_survives_a_r
     page.reload()
     expect(page.locator("#chat-view")).to_be_visible()
     expect(page.locator("#message-list")).to_contain_text("sent after the reconnect")
+
+    # A token the nodes no longer know sends the person back to the login form, saying why.
+    page.evaluate(
+        "(() => { const s = JSON.parse(sessionStorage.getItem('sms.session'));"
+        " s.token = 'expired'; sessionStorage.setItem('sms.session', JSON.stringify(s)); })()"
+    )
+    page.reload()
+    expect(page.locator("#login-view")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("log in again")
+    sign_in(page, name, register=False)
+    page.click("#logout-btn")
+    expect(page.locator("#login-view")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('sms.session')") is None
     assert page._sms_errors == []  # type: ignore[attr-defined]
     api.close()

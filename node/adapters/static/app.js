@@ -103,6 +103,7 @@ function signOut(reason) {
   state.current = null;
   state.wsOpened = false;
   state.cursor = null;
+  state.unreadCounted = false;
   $("chat-view").hidden = true;
   $("login-view").hidden = false;
   $("login-error").textContent = reason || "";
@@ -115,6 +116,7 @@ async function start() {
   $("me-name").textContent = state.session.name;
   connect();
   await refreshRooms();
+  if (!state.session) return;  // the saved token was no longer good
   const remembered = sessionStorage.getItem(TOKEN_KEY + ".room");
   if (remembered && state.rooms.has(remembered)) await openRoom(remembered);
   else if (!state.current && state.rooms.size) await openRoom(state.rooms.keys().next().value);
