@@ -707,6 +707,9 @@ class ChatScreen:
         self.status = "connecting"
         self.typing: dict[str, float] = {}  # user_id -> until (monotonic)
         self.newest: dict | None = None
+        # Our own user id: from the login file, or (with only a token) from our first message's echo.
+        self.me: str | None = names.settings.user_id
+        self.sent: set[str] = set()
         # A catch-up shows nothing older than this: the history shown first, or else the chat's start.
         self.floor = int(time.time() * 1000) << 16
 
@@ -852,18 +855,20 @@ async def on_event(event: dict, room_id: str, screen: ChatScreen, learn_names: C
     if event.get("room_id") not in (None, room_id):
         return
     if kind == "message":
+        if screen.me is None and event["message_id"] in screen.sent:
+            screen.me = event["sender"]
         if event["sender"] not in screen.names.names:
             await learn_names()
         screen.message(event)
     elif kind == "typing":
-        if event["user_id"] != screen.names.settings.user_id:
+        if event["user_id"] != screen.me:
             with screen.lock:
                 if event.get("typing"):
                     screen.typing[event["user_id"]] = time.monotonic() + 6
                 else:
                     screen.typing.pop(event["user_id"], None)
     elif kind == "presence" and event["user_id"] in screen.names.names:
-        if event["user_id"] != screen.names.settings.user_id:
+        if event["user_id"] != screen.me:
             screen.note(f"{screen.names(event['user_id'])} is {event['status']}")
     elif kind == "message_edited":
         screen.note(f"edited: {event['body']}")
@@ -966,9 +971,9 @@ def run_chat(settings: Settings, ring: NodeRing, room: dict, names: Names, page:
         except CliError as err:
             screen.note(f"not sent: {err.message}" + (f" ({err.hint})" if err.hint else ""))
             return True
-        sender = settings.user_id or "me"
-        if not settings.user_id:
-            names.names.setdefault("me", "me")
+        screen.sent.add(r["message_id"])
+        sender = screen.me or "me"
+        names.names.setdefault("me", "me")
         screen.message({"message_id": r["message_id"], "room_id": room["room_id"], "sender": sender,
                         "body": text, "ts": r["ts"]})
         chores.put("read", f"/v1/rooms/{room['room_id']}/read", {"message_id": r["message_id"]})
