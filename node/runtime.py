@@ -555,9 +555,13 @@ class Node:
     def validate_frame(self, room_id: str, data: bytes, author: str) -> bool:
         """GossipSub validator: runs at every hop, before a frame is forwarded or delivered."""
         try:
-            frame = decode_frame(data)
+            frame = decode_frame(data)  # a FrameError here is malformed: the peer gets a strike
             if frame.room_id != room_id or frame.origin != author:
                 raise FrameError("frame names another room or another origin than its author")
+        except FrameError:
+            self.metrics.frames_rejected.inc()
+            raise
+        try:
             if frame.kind == KIND_MESSAGES:
                 self.core.check_frame(frame, wall_ms())
             else:

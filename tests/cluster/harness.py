@@ -31,7 +31,7 @@ def free_port_block(n: int) -> int:
     """A base port such that base..base+n-1 are all free on 127.0.0.1."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
-        base = rng.randrange(20000, 40000)
+        base = rng.randrange(10000, 30000)  # below the kernel's ephemeral range (32768+)
         if all(_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free block of loopback ports")
