@@ -19,6 +19,10 @@ class HttpError(Exception):
         self.kind = f"http_{status}"
 
 
+class _Stale(Exception):
+    """The connection broke before any byte of the response arrived."""
+
+
 class _Conn:
     def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
@@ -29,6 +33,10 @@ class _Conn:
         if not chunk:
             raise ConnectionError("server closed the connection")
         self.buf += chunk
+
+    async def first_bytes(self) -> None:
+        if not self.buf:
+            await self._fill()
 
     async def read_until(self, sep: bytes) -> bytes:
         while True:
@@ -56,17 +64,35 @@ class HttpPool:
         self.host, self.port, self.max_idle = host, port, max_idle
         self._idle: list[_Conn] = []
         self.opened = 0
+        self.stale = 0
 
     async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+        """One request. A kept-alive connection the server has meanwhile closed (hypercorn closes
+        idle ones after 5 s) fails before any response byte: then the request goes once more on a
+        new connection, as every HTTP client does. Only for idempotent requests (sms's PUT is)."""
         conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = _Conn(await anyio.connect_tcp(self.host, self.port))
-            self.opened += 1
+        if conn is not None:
+            try:
+                return await self._request(conn, method, path, headers, body)
+            except _Stale:
+                self.stale += 1
+        conn = _Conn(await anyio.connect_tcp(self.host, self.port))
+        self.opened += 1
+        try:
+            return await self._request(conn, method, path, headers, body)
+        except _Stale as exc:
+            raise ConnectionError("server closed a new connection before answering") from exc
+
+    async def _request(self, conn: "_Conn", method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         ok = False
         try:
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
-            await conn.stream.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            try:
+                await conn.stream.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+                await conn.first_bytes()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError) as exc:
+                raise _Stale() from exc
             status_line, *lines = (await conn.read_until(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             status = int(status_line.split(" ", 2)[1])
             hdrs = {}

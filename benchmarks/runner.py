@@ -25,6 +25,8 @@ from .sweep import SweepPolicy, SweepState, verdict
 
 Say = Callable[[str], None]
 SYSTEM_ROLES = ("node", "etcd", "postgres", "nats-server")
+GEN_LAG_LIMIT_MS = 20.0   # the generator started sends this late (p99): it was short of CPU
+GEN_CPU_LIMIT = 80.0      # percent of one core: the generator is one Python thread
 
 
 def point_record(rec: Recorder, workload: Workload, resources: dict, policy: SweepPolicy, extra: dict | None = None) -> dict:
@@ -39,6 +41,9 @@ def point_record(rec: Recorder, workload: Workload, resources: dict, policy: Swe
     p["generator_cpu_percent"] = gen.get("cpu_percent")
     p["machine_cpu_percent"] = resources.get("machine", {}).get("cpu_percent")
     p["other_cpu_percent"] = resources.get("machine", {}).get("other_cpu_percent")
+    # The generator shares the machine: flag points where it, not the system, may have been the limit.
+    lag99 = p["lag_ms"]["p99"] or 0.0
+    p["generator_bound"] = bool(lag99 > GEN_LAG_LIMIT_MS or (gen.get("cpu_percent") or 0) > GEN_CPU_LIMIT)
     held, reasons = verdict(p, policy.p99_limit_ms, policy.max_loss_ratio)
     p["held"], p["reasons"] = held, reasons
     if extra:
@@ -52,7 +57,8 @@ def point_line(system: str, p: dict) -> str:
             f"ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
             f"err={p['send_errors']} notsent={p['not_sent']}  {p['throughput']['deliveries_per_s']:g} deliv/s  "
             f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  "
-            f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}")
+            f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}"
+            f"{'  [generator-bound]' if p.get('generator_bound') else ''}")
 
 
 async def quiet(transport, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
@@ -212,7 +218,7 @@ def start_py_spy(pid: int, w: Workload, out_dir: Path, stem: str) -> dict:
     raw = out_dir / f"{stem}.txt"
     # Sample the measured window only: start after the warm-up.
     cmd = [exe_s, "record", "--pid", str(pid), "--duration", str(max(1, int(w.duration_s))), "--rate", "100",
-           "--format", "raw", "--output", str(raw), "--nonblocking"]
+           "--format", "raw", "--output", str(raw), "--nonblocking", "--gil"]
     delay = max(0.0, w.warmup_s + 0.2)
     proc = subprocess.Popen(["sh", "-c", f'sleep {delay}; exec "$@"', "sh", *cmd],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -77,6 +77,12 @@ class SmsTransport:
     async def setup(self, stack: AsyncExitStack, nursery: trio.Nursery) -> None:
         """Accounts, rooms, memberships, WebSockets, send pools; then a probe message per room that
         every member must receive (the rooms' meshes have formed)."""
+        await self.prepare(stack)
+        await self.connect_all(nursery)
+        await self.finish()
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
+        """Accounts, rooms and memberships."""
         self.check_accounts()
         n_accounts = self.users or self.plan.clients
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=60))
@@ -114,7 +120,10 @@ class SmsTransport:
                 for a in member_accounts[1:]:
                     n.start_soon(add, a)
         self.say(f"  {self.plan.rooms} rooms with members in {clock() - t0:.1f}s")
-        # WebSockets
+        self.http = http
+
+    async def connect_all(self, nursery: trio.Nursery) -> None:
+        """One WebSocket per client, to its node; readers live in `nursery`."""
         t1 = clock()
 
         connected = trio.Semaphore(self.connect_concurrency)
@@ -163,14 +172,16 @@ class SmsTransport:
             raise RuntimeError(f"only {self.ws_open} of {self.plan.clients} WebSockets opened; "
                                f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
         self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s")
-        # send paths
+
+    async def finish(self) -> None:
+        """Send paths, then the probe."""
         for client, room in self.plan.senders:
             acc = self.accounts[self.account_of(client)]
             u = urlsplit(self.nodes[self.plan.client_nodes[client]])
             self.pools.append(HttpPool(u.hostname or "127.0.0.1", u.port or 80))
             self.headers.append({"Authorization": f"Bearer {acc.token}", "Content-Type": "application/json"})
             self.paths.append(f"/v1/rooms/{self.room_ids[room]}/messages/")
-        await self.probe(http)
+        await self.probe(self.http)
 
     async def probe(self, http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
         """One message per room from its first member; returns when every member client got it."""

@@ -52,10 +52,11 @@ def test_broken_documents_are_refused(breakage):
 
 def test_profile_summary_attributes_self_and_inclusive_time():
     text = "\n".join([
-        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1);publish (/work/main/node/adapters/p2p.py:5);"
-        "write (/x/lib/python3.11/site-packages/libp2p/stream.py:9) 30",
-        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1);append (/work/main/node/adapters/sql.py:7) 10",
-        "run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1) 60",
+        "<module> (cli/main.py:1);run (trio/_core/_run.py:1);publish (node/adapters/p2p.py:5);"
+        "write (libp2p/stream.py:9) 30",
+        "<module> (cli/main.py:1);run (/x/lib/python3.11/site-packages/trio/_core/_run.py:1);"
+        "append (/work/main/node/adapters/sql.py:7) 10",
+        "<module> (cli/main.py:1);run (trio/_core/_run.py:1) 60",
         "garbage line",
     ])
     s = summarize_collapsed(text)
@@ -63,5 +64,9 @@ def test_profile_summary_attributes_self_and_inclusive_time():
     assert dict(s["self_by_component_pct"]) == {"trio": 60.0, "libp2p": 30.0, "sms.node.adapters": 10.0}
     assert dict(s["inclusive_by_component_pct"])["trio"] == 100.0
     assert dict(s["inclusive_by_component_pct"])["sms.node.adapters"] == 40.0
+    assert dict(s["by_entry_component_pct"]) == {"trio/stdlib only": 60.0, "sms.node.adapters:publish": 30.0,
+                                                    "sms.node.adapters:append": 10.0}
     assert component("/usr/lib/python3.11/json/decoder.py") == "stdlib"
+    assert component("threading.py") == "stdlib" and component("<frozen runpy>") == "stdlib"
+    assert component("hypercorn/trio/task_group.py") == "hypercorn"
     assert component("/work/main/crdt/hlc.py") == "sms.crdt"

@@ -1,0 +1,643 @@
+"""Durable history benchmarks: acknowledged sends with and without group commit, and deep paging.
+
+    python -m sms.benchmarks.history sends     # SqlHistory in-process + real nodes, both write modes
+    python -m sms.benchmarks.history paging    # keyset pages at increasing depth in 100,000 messages
+    python -m sms.benchmarks.history all
+
+Everything runs on 127.0.0.1 against a fresh embedded PostgreSQL (fsync on, as `sms up` runs it)
+that this program starts under a temporary directory and stops again by PID, with every process it
+starts. Results go to benchmarks/results/history-<part>-<UTC time>.json (--out-dir to change);
+docs/benchmarks-history.md explains them.
+
+sends, two layers:
+
+  sql      SqlHistory.append of one message per call from C concurrent trio tasks (closed loop),
+           group_commit=True vs False, for each C in --sql-concurrency. Isolates the database
+           write path: no HTTP, no gossip.
+  cluster  real nodes (`sms node` processes, an embedded etcd and PostgreSQL), 1 node and 3 nodes,
+           default group commit vs `--no-group-commit`; C concurrent HTTP clients spread over the
+           nodes each PUT one message at a time into one room (closed loop) and time the 200.
+           `--cluster DATA/cluster.json` measures a running `sms up` cluster instead (its default
+           group commit) without starting anything.
+
+  Each point runs for --duration seconds after --warmup seconds, or until --max-sends
+  acknowledgements, whichever comes first; every request is bounded by --request-timeout.
+  Reported: acknowledged sends per second, p50/p90/p99/max acknowledgement latency, errors, and
+  (sql) the mean group-commit batch size; (cluster) CPU seconds used by the nodes and PostgreSQL
+  per 1000 acknowledged sends.
+
+paging: inserts --messages messages of one room (plus --noise-rooms x --noise-per-room messages in
+other rooms, so the index is shared as in production) with SqlHistory.append in batches, runs
+ANALYZE, then:
+
+  - walks the whole room backwards (`before` cursors, newest first) and forwards (`after`
+    cursors, oldest first), timing every page once (grouped by depth decile);
+  - at fixed depths (0, 1k, 10k, 25k, 50k, 75k, 90k, last page) times the same page --repeats
+    times and reports p50/p99 in ms, in both directions;
+  - records PostgreSQL's EXPLAIN (ANALYZE, BUFFERS) of the deepest backward page.
+
+Keyset pagination means a page costs an index descent plus `limit` rows, whatever the depth; the
+table shows whether that holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import httpx
+import psutil
+import trio
+
+PASSWORD = "benchmark password"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_MESSAGES = 2_000_000
+MAX_DURATION_S = 600.0
+
+
+# -- small pure helpers ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks; None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def latency_ms(seconds: Sequence[float]) -> dict:
+    r = lambda v: None if v is None else round(v * 1000.0, 2)  # noqa: E731
+    return {
+        "count": len(seconds),
+        "p50": r(percentile(seconds, 50)),
+        "p90": r(percentile(seconds, 90)),
+        "p99": r(percentile(seconds, 99)),
+        "max": r(max(seconds) if seconds else None),
+        "mean": r(sum(seconds) / len(seconds) if seconds else None),
+    }
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": commit,
+        "command": [Path(sys.executable).name, "-m", "sms.benchmarks.history", *sys.argv[1:]],
+    }
+
+
+def write_result(doc: dict, part: str, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"history-{part}-{stamp}.json"
+    doc["environment"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- processes we start (stopped by PID) -----------------------------------------------------------
+
+
+@contextmanager
+def fresh_postgres(base: Path) -> Iterator[object]:
+    from sms.bootstrap.postgres import start_postgres
+
+    pg = start_postgres(base / "postgres", port=free_port())  # durable: fsync on, as `sms up`
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes and their children (PostgreSQL backends)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+@dataclass
+class LocalCluster:
+    """etcd + PostgreSQL + N `sms node` processes, all ours."""
+
+    base: Path
+    nodes: int
+    group_commit: bool
+    http: list[str]
+    node_procs: list[subprocess.Popen]
+    etcd: object
+    pg: object
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.node_procs] + ([self.pg.pid] if self.pg.pid else [])
+
+
+def _peer_id(node_dir: Path) -> str:
+    from libp2p.peer.id import ID
+
+    from sms.node.adapters.p2p import load_or_create_identity
+
+    return str(ID.from_pubkey(load_or_create_identity(node_dir / "node.key").public_key))
+
+
+def _wait_healthy(urls: list[str], procs: list[subprocess.Popen], logs: list[Path], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = set(range(len(urls)))
+    with httpx.Client(timeout=2.0) as client:
+        while pending:
+            for i in list(pending):
+                if procs[i].poll() is not None:
+                    raise RuntimeError(f"node {i} exited ({procs[i].returncode}); see {logs[i]}")
+                try:
+                    if client.get(urls[i] + "/healthz").status_code == 200:
+                        pending.discard(i)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nodes {sorted(pending)} not healthy after {timeout_s:.0f}s; see {logs}")
+            time.sleep(0.1)
+
+
+@contextmanager
+def local_cluster(base: Path, nodes: int, group_commit: bool) -> Iterator[LocalCluster]:
+    from sms.bootstrap.etcd import start_etcd
+    from sms.bootstrap.postgres import start_postgres
+
+    base.mkdir(parents=True, exist_ok=True)
+    etcd = pg = None
+    procs: list[subprocess.Popen] = []
+    try:
+        etcd_port = free_port()
+        etcd = start_etcd(base / "etcd", client_port=etcd_port, peer_port=free_port())
+        pg = start_postgres(base / "postgres", port=free_port())
+        secret = base / "cluster.secret"
+        secret.write_text(secrets.token_hex(32) + "\n")
+        secret.chmod(0o600)
+        urls, logs = [], []
+        bootstrap = None
+        for i in range(nodes):
+            node_dir = base / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            http_port, p2p_port = free_port(), free_port()
+            cmd = [
+                sys.executable, "-m", "sms.cli.main", "node", "--name", f"node-{i}",
+                "--data-dir", str(node_dir), "--http-port", str(http_port), "--p2p-port", str(p2p_port),
+                "--etcd", etcd.url, "--db", pg.dsn, "--secret-file", str(secret), "--log-level", "warning",
+            ]
+            if not group_commit:
+                cmd.append("--no-group-commit")
+            if bootstrap:
+                cmd += ["--bootstrap", bootstrap]
+            log_path = node_dir / "node.log"
+            with open(log_path, "ab") as log_file:
+                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+            urls.append(f"http://127.0.0.1:{http_port}")
+            logs.append(log_path)
+            bootstrap = bootstrap or f"/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{_peer_id(node_dir)}"
+        _wait_healthy(urls, procs, logs, 90)
+        yield LocalCluster(base, nodes, group_commit, urls, procs, etcd, pg)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        if pg is not None:
+            pg.stop()
+        if etcd is not None:
+            etcd.stop()
+
+
+# -- sends: SqlHistory in-process --------------------------------------------------------------------
+
+
+async def sql_point(dsn: str, group_commit: bool, concurrency: int, duration: float, warmup: float,
+                    max_sends: int) -> dict:
+    from sms.node.adapters.sql import open_history
+    from sms.node.core.model import Message
+
+    room = f"bench-{uuid.uuid4().hex[:8]}"
+    lat: list[float] = []
+    errors = 0
+    counter = 0
+    async with open_history(dsn, group_commit=group_commit) as h:
+        t_warm = trio.current_time() + warmup
+        t_end = t_warm + duration
+        measured_from = None
+
+        async def worker(w: int) -> None:
+            nonlocal counter, errors
+            while trio.current_time() < t_end and len(lat) < max_sends:
+                counter += 1
+                n = counter
+                m = Message(message_id=f"{room}-{n}", room_id=room, sender=f"u{w}", body=f"message {n}",
+                            ts=(time.time_ns() // 1_000_000) << 16 | (n & 0xFFFF), txn_id=f"t{n}",
+                            origin="bench", seq=n, membership_rev=1)
+                t0 = trio.current_time()
+                try:
+                    await h.append([m])
+                except Exception:  # noqa: BLE001 - counted, the point goes on
+                    errors += 1
+                    continue
+                if t0 >= t_warm:
+                    lat.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(concurrency):
+                nursery.start_soon(worker, w)
+            await trio.sleep_until(t_warm)
+            measured_from = trio.current_time()
+            batches0, msgs0 = h.stats.batches, h.stats.batched_messages
+        elapsed = trio.current_time() - measured_from
+        batches, msgs = h.stats.batches - batches0, h.stats.batched_messages - msgs0
+    return {
+        "layer": "sql",
+        "group_commit": group_commit,
+        "concurrency": concurrency,
+        "acked": len(lat),
+        "errors": errors,
+        "elapsed_s": round(elapsed, 3),
+        "acks_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else None,
+        "ack_ms": latency_ms(lat),
+        "mean_batch": round(msgs / batches, 1) if group_commit and batches else None,
+    }
+
+
+# -- sends: through real nodes ------------------------------------------------------------------------
+
+
+async def _setup_room(http: httpx.AsyncClient, urls: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """One user per node, all members of one room; returns (room_id, [(base_url, token)])."""
+    tag = uuid.uuid4().hex[:8]
+    users = []
+    for i, base in enumerate(urls):
+        name = f"bench{i}-{tag}"
+        (await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})).raise_for_status()
+        r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
+        r.raise_for_status()
+        users.append((r.json()["user_id"], r.json()["token"]))
+    hdr = {"Authorization": f"Bearer {users[0][1]}"}
+    r = await http.post(urls[0] + "/v1/rooms", json={"name": f"bench-{tag}"}, headers=hdr)
+    r.raise_for_status()
+    room = r.json()["room_id"]
+    for user_id, _ in users[1:]:
+        (await http.put(urls[0] + f"/v1/rooms/{room}/members/{user_id}", json={"role": "member"}, headers=hdr)).raise_for_status()
+    for i, base in enumerate(urls):  # every node's registry cache knows the room and its members
+        with trio.fail_after(20):
+            while True:
+                r = await http.get(base + "/v1/rooms", headers={"Authorization": f"Bearer {users[-1][1]}"})
+                if r.status_code == 200 and any(x["room_id"] == room for x in r.json()["rooms"]):
+                    break
+                await trio.sleep(0.05)
+    return room, [(urls[i], users[i][1]) for i in range(len(urls))]
+
+
+async def http_point(urls: list[str], concurrency: int, duration: float, warmup: float, max_sends: int,
+                     request_timeout: float, cpu_pids: Sequence[int]) -> dict:
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=request_timeout, limits=limits) as http:
+        room, senders = await _setup_room(http, urls)
+        t_warm = trio.current_time() + warmup
+        t_end = t_warm + duration
+        cpu: dict[str, float] = {}
+
+        async def worker(w: int) -> None:
+            base, token = senders[w % len(senders)]
+            hdr = {"Authorization": f"Bearer {token}"}
+            i = 0
+            while trio.current_time() < t_end and len(lat) < max_sends:
+                i += 1
+                t0 = trio.current_time()
+                try:
+                    r = await http.put(base + f"/v1/rooms/{room}/messages/w{w}-{i}", json={"body": f"w{w} {i}"}, headers=hdr)
+                    code = str(r.status_code)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                if code != "200":
+                    errors[code] = errors.get(code, 0) + 1
+                    await trio.sleep(0.05)
+                elif t0 >= t_warm:
+                    lat.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(concurrency):
+                nursery.start_soon(worker, w)
+            await trio.sleep_until(t_warm)
+            measured_from = trio.current_time()
+            cpu["nodes_db_start"] = cpu_seconds(cpu_pids)
+            cpu["client_start"] = cpu_seconds([os.getpid()])
+        elapsed = trio.current_time() - measured_from
+        node_cpu = cpu_seconds(cpu_pids) - cpu["nodes_db_start"]
+        client_cpu = cpu_seconds([os.getpid()]) - cpu["client_start"]
+    return {
+        "layer": "cluster",
+        "concurrency": concurrency,
+        "acked": len(lat),
+        "errors": errors,
+        "elapsed_s": round(elapsed, 3),
+        "acks_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else None,
+        "ack_ms": latency_ms(lat),
+        "cpu_s_per_1000_acks": {
+            "nodes_and_postgres": round(node_cpu / len(lat) * 1000, 2) if lat and cpu_pids else None,
+            "client": round(client_cpu / len(lat) * 1000, 2) if lat else None,
+        },
+    }
+
+
+def run_sends(args: argparse.Namespace) -> dict:
+    points: list[dict] = []
+    bound = dict(duration=args.duration, warmup=args.warmup, max_sends=args.max_sends)
+    modes = [m for m in args.modes.split(",") if m]
+    with tempfile.TemporaryDirectory(prefix="sms-bench-history-") as tmp:
+        if "sql" in args.layers:
+            with fresh_postgres(Path(tmp) / "sql") as pg:
+                for c in args.sql_concurrency:
+                    for mode in modes:
+                        say(f"sql: group_commit={mode == 'group'} concurrency={c} ...")
+                        p = trio.run(sql_point, pg.dsn, mode == "group", c, args.duration, args.warmup, args.max_sends)
+                        say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms, batch {p['mean_batch']}")
+                        points.append(p)
+        if "cluster" in args.layers:
+            if args.cluster is not None:
+                info = json.loads(args.cluster.read_text())
+                urls = [n["http"] for n in info["nodes"]]
+                pids = [n["pid"] for n in info["nodes"] if n.get("pid")]
+                say(f"cluster {args.cluster} ({len(urls)} nodes, its own group-commit setting) concurrency={args.concurrency} ...")
+                p = trio.run(lambda: http_point(urls, args.concurrency, args.duration, args.warmup, args.max_sends,
+                                                args.request_timeout, pids))
+                p.update(nodes=len(urls), group_commit=None, source=str(args.cluster))
+                say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms")
+                points.append(p)
+            else:
+                for n in args.nodes:
+                    for mode in modes:
+                        say(f"cluster: {n} node(s), group_commit={mode == 'group'} concurrency={args.concurrency} ... (starting)")
+                        with local_cluster(Path(tmp) / f"c{n}-{mode}", n, mode == "group") as lc:
+                            p = trio.run(lambda: http_point(lc.http, args.concurrency, args.duration, args.warmup,
+                                                            args.max_sends, args.request_timeout, lc.pids()))
+                        p.update(nodes=n, group_commit=mode == "group")
+                        say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms, "
+                            f"errors {p['errors']}, cpu/1000 {p['cpu_s_per_1000_acks']}")
+                        points.append(p)
+    return {"benchmark": "history-sends", "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+            "points": points}
+
+
+# -- paging ------------------------------------------------------------------------------------------
+
+
+async def load_room(h, room: str, count: int, batch: int, start_ms: int, spacing_ms: int) -> None:
+    from sms.node.core.model import Message
+
+    n = 0
+    while n < count:
+        chunk = []
+        for i in range(n, min(count, n + batch)):
+            wall = start_ms + i * spacing_ms // 4  # about 4 messages per `spacing_ms`; some share a millisecond
+            chunk.append(Message(
+                message_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{room}/{i}").hex, room_id=room, sender=f"user{i % 50}",
+                body=f"message {i} of {room}: " + "x" * 60, ts=(wall << 16) | (i & 0xF), txn_id=f"txn-{i}",
+                origin=f"peer{i % 3}", seq=i // 3 + 1, membership_rev=1,
+            ))
+        await h.append(chunk)
+        n += len(chunk)
+
+
+async def paging(dsn: str, args: argparse.Namespace) -> dict:
+    from sms.node.adapters.sql import encode_cursor, open_history
+
+    room = "room-under-test"
+    limit = args.limit
+    out: dict = {}
+    async with open_history(dsn, group_commit=False) as h:
+        t0 = time.perf_counter()
+        start_ms = int(time.time() * 1000) - 86_400_000 * 30
+        await load_room(h, room, args.messages, 1000, start_ms, 400)
+        for r in range(args.noise_rooms):
+            await load_room(h, f"noise-{r}", args.noise_per_room, 1000, start_ms, 400 * max(1, args.messages // max(1, args.noise_per_room)))
+        load_s = time.perf_counter() - t0
+        say(f"paging: loaded {args.messages} + {args.noise_rooms * args.noise_per_room} messages in {load_s:.1f}s; ANALYZE ...")
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ANALYZE messages")
+            total = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('messages'))").fetchone()[0]
+        out["load"] = {"room_messages": args.messages, "total_rows": total, "table_size": size, "seconds": round(load_s, 1)}
+
+        async def timed(**kw) -> tuple[float, object]:
+            t = time.perf_counter()
+            page = await h.page(room, limit=limit, **kw)
+            return time.perf_counter() - t, page
+
+        # Full walks, every page timed once.
+        walks = {}
+        cursors: dict[str, list[tuple[int, str | None]]] = {"backward": [], "forward": []}
+        for direction in ("backward", "forward"):
+            times: list[tuple[int, float]] = []
+            depth = 0
+            cursor: str | None = None if direction == "backward" else encode_cursor(0, "0")
+            seen = 0
+            while True:
+                kw = {"before": cursor} if direction == "backward" else {"after": cursor}
+                if direction == "backward" and cursor is None:
+                    kw = {}
+                cursors[direction].append((depth, cursor))
+                dt, page = await timed(**kw)
+                times.append((depth, dt))
+                seen += len(page.messages)
+                depth += len(page.messages)
+                cursor = page.prev if direction == "backward" else page.next
+                if cursor is None:
+                    break
+            assert seen == args.messages, f"{direction} walk saw {seen} of {args.messages} messages"
+            deciles = []
+            step = max(1, args.messages // 10)
+            for d in range(0, args.messages, step):
+                chunk = [t for dep, t in times if d <= dep < d + step]
+                if chunk:
+                    deciles.append({"depth_from": d, "depth_to": min(args.messages, d + step), "pages": len(chunk),
+                                    "p50_ms": round(percentile(chunk, 50) * 1000, 3),
+                                    "p99_ms": round(percentile(chunk, 99) * 1000, 3)})
+            walks[direction] = {"pages": len(times), "seconds": round(sum(t for _, t in times), 3), "by_decile": deciles}
+            say(f"  {direction} walk: {len(times)} pages in {sum(t for _, t in times):.2f}s")
+        out["walks"] = walks
+
+        # Fixed depths, each page repeated.
+        depths = sorted({d for d in (0, 1_000, 10_000, 25_000, 50_000, 75_000, 90_000) if d < args.messages}
+                        | {max(0, args.messages - limit)})
+        table = []
+        for depth in depths:
+            row = {"depth": depth}
+            for direction in ("backward", "forward"):
+                # the page whose first message sits at this depth from the newest (backward) or oldest (forward) end
+                dep, cursor = min(cursors[direction], key=lambda dc: abs(dc[0] - depth))
+                kw = ({"before": cursor} if cursor else {}) if direction == "backward" else {"after": cursor}
+                samples = [(await timed(**kw))[0] for _ in range(args.repeats)]
+                row[direction] = {"at_depth": dep, "p50_ms": round(percentile(samples, 50) * 1000, 3),
+                                  "p99_ms": round(percentile(samples, 99) * 1000, 3)}
+            table.append(row)
+            say(f"  depth {depth:>6}: backward p50 {row['backward']['p50_ms']} ms, forward p50 {row['forward']['p50_ms']} ms")
+        out["by_depth"] = table
+
+        # The plan of the deepest backward page.
+        from sms.node.adapters.sql import decode_cursor
+
+        deepest = cursors["backward"][-1][1]
+        ts, mid = decode_cursor(deepest)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            plan = [r[0] for r in conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS, TIMING OFF) SELECT room_id, message_id, sender, txn_id, body, ts, origin, seq, "
+                "membership_rev FROM messages WHERE room_id = %s AND NOT deleted AND (ts, message_id) < (%s, %s) "
+                "ORDER BY ts DESC, message_id DESC LIMIT %s", (room, ts, mid, limit + 1)).fetchall()]
+        out["deepest_backward_page_plan"] = plan
+    return out
+
+
+def run_paging(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sms-bench-paging-") as tmp:
+        with fresh_postgres(Path(tmp)) as pg:
+            result = trio.run(paging, pg.dsn, args)
+    return {"benchmark": "history-paging",
+            "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+            **result}
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sms.benchmarks.history", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where history-*.json goes (default %(default)s)")
+
+    def sends_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--layers", default="sql,cluster", help="sql, cluster or both (default %(default)s)")
+        p.add_argument("--modes", default="group,single",
+                       help="group (group commit) and/or single (one transaction per message) (default %(default)s)")
+        p.add_argument("--sql-concurrency", type=int_list, default=[1, 8, 32, 128],
+                       help="concurrent appenders for the sql layer (default 1,8,32,128)")
+        p.add_argument("--nodes", type=int_list, default=[1, 3], help="cluster sizes to start (default 1,3)")
+        p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP senders (default %(default)s)")
+        p.add_argument("--cluster", type=Path, default=None,
+                       help="measure this running `sms up` cluster (DATA/cluster.json) instead of starting nodes")
+        p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default %(default)s)")
+        p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default %(default)s)")
+        p.add_argument("--max-sends", type=int, default=100_000, help="stop a point after this many acks (default %(default)s)")
+        p.add_argument("--request-timeout", type=float, default=30.0, help="per HTTP request (default %(default)s)")
+
+    def paging_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--messages", type=int, default=100_000, help="messages in the room (default %(default)s)")
+        p.add_argument("--noise-rooms", type=int, default=10, help="other rooms sharing the table (default %(default)s)")
+        p.add_argument("--noise-per-room", type=int, default=2_000, help="messages per other room (default %(default)s)")
+        p.add_argument("--limit", type=int, default=100, help="page size (default %(default)s; the API allows up to 500)")
+        p.add_argument("--repeats", type=int, default=30, help="timings per fixed depth (default %(default)s)")
+
+    p = sub.add_parser("sends", help="acknowledged sends/s and latency: group commit vs one transaction per message")
+    sends_args(p)
+    common(p)
+    p = sub.add_parser("paging", help="page time at increasing depth in a 100,000-message room")
+    paging_args(p)
+    common(p)
+    p = sub.add_parser("all", help="sends, then paging")
+    sends_args(p)
+    paging_args(p)
+    common(p)
+    return parser
+
+
+def check_bounds(args: argparse.Namespace) -> None:
+    if getattr(args, "duration", 1) <= 0 or getattr(args, "duration", 1) > MAX_DURATION_S:
+        raise SystemExit(f"--duration must be in (0, {MAX_DURATION_S:.0f}]")
+    if getattr(args, "max_sends", 1) < 1:
+        raise SystemExit("--max-sends must be >= 1")
+    if hasattr(args, "messages") and not 1 <= args.messages <= MAX_MESSAGES:
+        raise SystemExit(f"--messages must be in [1, {MAX_MESSAGES}]")
+    if hasattr(args, "limit") and not 1 <= args.limit <= 1000:
+        raise SystemExit("--limit must be in [1, 1000]")
+    if hasattr(args, "layers"):
+        args.layers = [x for x in args.layers.split(",") if x]
+        if not set(args.layers) <= {"sql", "cluster"} or not set(args.modes.split(",")) <= {"group", "single"}:
+            raise SystemExit("--layers takes sql,cluster; --modes takes group,single")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_bounds(args)
+    if args.part in ("sends", "all"):
+        doc = {"environment": environment(), **run_sends(args)}
+        path = write_result(doc, "sends", args.out_dir)
+        say(f"wrote {path}")
+    if args.part in ("paging", "all"):
+        doc = {"environment": environment(), **run_paging(args)}
+        path = write_result(doc, "paging", args.out_dir)
+        say(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Scale modes.
+
+conn-scale: many WebSocket connections across the nodes (default 10,000 over 3), a small fraction
+of them chatting. Reports each node's RSS before and after the connections opened (memory per
+connection), and the delivery latency of one measured point with everyone connected.
+
+node-scale: fresh clusters of 1, 3, 5, 10 nodes, one offered rate each: throughput and system CPU per
+delivered message (nodes + etcd + PostgreSQL CPU seconds / deliveries).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from .engine import run_point
+from .resources import ResourceMonitor, _sample, cluster_groups
+from .results import result_doc, write_result
+from .runner import point_line, point_record, quiet, sms_system, with_cluster, work_dir_for, workload_config
+from .schedule import Workload, client_plan
+from .sweep import SweepPolicy
+
+Say = Callable[[str], None]
+
+
+def _rss_by_group(groups) -> dict[str, float]:
+    return {g.name: _sample(g)[1] for g in groups}
+
+
+async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
+    from .sms_client import SmsTransport
+
+    plan = client_plan(w, len(cluster["nodes"]))
+    groups = cluster_groups(cluster)
+    policy = SweepPolicy(start_rate=w.rate, max_rate=w.rate)
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        transport = SmsTransport(cluster, plan, users=users, say=say, setup_concurrency=8, connect_concurrency=100)
+        say(f"conn-scale: {w.clients} WebSockets over {len(cluster['nodes'])} nodes as {users} accounts, "
+            f"{w.rooms} rooms, {w.senders} chatting at {w.rate:g} sends/s in all")
+        await transport.prepare(stack)
+        await trio.sleep(2.0)
+        before = _rss_by_group(groups)
+        t0 = time.monotonic()
+        await transport.connect_all(nursery)
+        connect_s = time.monotonic() - t0
+        await trio.sleep(3.0)
+        after = _rss_by_group(groups)
+        await transport.finish()
+        memory = {}
+        node_delta = 0.0
+        for g in groups:
+            delta = after[g.name] - before[g.name]
+            memory[g.name] = {"rss_before_mb": round(before[g.name] / 2**20, 1),
+                              "rss_after_mb": round(after[g.name] / 2**20, 1),
+                              "delta_mb": round(delta / 2**20, 1)}
+            if g.role == "node":
+                node_delta += delta
+        per_conn_node_kb = node_delta / w.clients / 1024
+        gen_kb = (after["generator"] - before["generator"]) / w.clients / 1024
+        say(f"  node memory per connection: {per_conn_node_kb:.1f} KiB; generator: {gen_kb:.1f} KiB; "
+            f"connect time {connect_s:.1f}s")
+        mon = ResourceMonitor(groups)
+        rec = await run_point(transport, plan, w, 1, run_tag=transport.tag, window=mon.window)
+        p = point_record(rec, w, mon.result, policy, {"ws_open_at_end": transport.ws_open,
+                                                      "ws_closed": dict(transport.ws_closed)})
+        say(point_line("sms", p))
+        await quiet(transport)
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    return {
+        "points": [p],
+        "connections": w.clients,
+        "accounts": users,
+        "connect_s": round(connect_s, 1),
+        "memory": memory,
+        "node_kib_per_connection": round(per_conn_node_kb, 2),
+        "generator_kib_per_connection": round(gen_kb, 2),
+    }
+
+
+def conn_scale(cluster_file, nodes, connections, users, rooms, chatting, rate, duration, warmup, out: Path,
+               work_dir, say: Say) -> Path:
+    if users % rooms:
+        raise SystemExit("--users must be a multiple of --rooms (each account's connections share its room)")
+    senders = max(1, round(connections * chatting))
+    w = Workload(clients=connections, senders=senders, rooms=rooms, rate=rate, duration_s=duration,
+                 warmup_s=warmup, drain_s=5.0, max_in_flight=512).validate()
+    wd = work_dir_for(work_dir)
+    stem = f"conn-scale-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.monotonic()
+    with with_cluster(cluster_file, nodes, wd, say) as cluster:
+        system = trio.run(_conn_scale, cluster, w, users, say)
+        n = len(cluster["nodes"])
+    cfg = workload_config(w, SweepPolicy(start_rate=rate, max_rate=rate), [rate], nodes=n, users=users,
+                          chatting=chatting, wall_s=round(time.monotonic() - t0, 1))
+    doc = result_doc("conn-scale", cfg, {"sms": system})
+    path = write_result(doc, out, stem)
+    say(f"wrote {path}")
+    return path
+
+
+def node_scale(counts: list[int], rate: float, clients: int, senders: int, rooms: int, duration: float,
+               warmup: float, out: Path, work_dir, say: Say) -> Path:
+    from .cli import make_plots
+
+    w = Workload(clients=clients, senders=senders, rooms=rooms, rate=rate, duration_s=duration, warmup_s=warmup,
+                 drain_s=5.0, max_in_flight=512).validate()
+    policy = SweepPolicy(start_rate=rate, max_rate=rate)
+    wd = work_dir_for(work_dir)
+    stem = f"node-scale-{time.strftime('%Y%m%d-%H%M%S')}"
+    points = []
+    t0 = time.monotonic()
+    for n in counts:
+        with with_cluster(None, n, wd, say) as cluster:
+            res = trio.run(sms_system, cluster, w, policy, [rate], say, None, None)
+        p = res["points"][0]
+        p["nodes"] = n
+        node_cpu = sum(v["cpu_s"] for v in p["resources"].values() if v.get("role") == "node")
+        p["node_cpu_ms_per_delivery"] = round(1000 * node_cpu / p["delivered"], 4) if p["delivered"] else None
+        points.append(p)
+    cfg = workload_config(w, policy, [rate], node_counts=counts, wall_s=round(time.monotonic() - t0, 1))
+    doc = result_doc("node-scale", cfg, {"sms": {"points": points}})
+    path = write_result(doc, out, stem)
+    say(f"wrote {path}")
+    for pth in make_plots(doc, out, stem):
+        say(f"wrote {pth}")
+    for p in points:
+        say(f"  {p['nodes']:>2} nodes: {p['throughput']['deliveries_per_s']:g} deliveries/s, p99 {p['delivery_ms']['p99']} ms, "
+            f"{p['cpu_ms_per_delivery']} ms system CPU per delivery, held={p['held']}")
+    return path
