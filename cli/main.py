@@ -65,6 +65,7 @@ def node(
     secret_file: Optional[Path] = typer.Option(None, "--secret-file",
                                                help="File holding the cluster secret (else $SMS_CLUSTER_SECRET)."),
     group_commit: bool = typer.Option(True, help="Write concurrent sends in batches."),
+    retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run one node in the foreground (what `sms up` starts N of)."""
@@ -83,7 +84,7 @@ def node(
         config = NodeConfig(
             name=name, data_dir=data_dir, etcd_url=etcd, db_dsn=db, http_port=http_port,
             p2p_port=p2p_port, bootstrap=tuple(bootstrap), secret=read_secret(secret_file),
-            group_commit=group_commit,
+            group_commit=group_commit, retention_days=retention_days,
         ).validate()
         run_node(config)
     except SmsError as exc:

@@ -29,6 +29,7 @@ class NodeConfig:
     allowed_origins: tuple[str, ...] = ()
     group_commit: bool = True
     publish_window_ms: float = 2.0
+    retention_days: float | None = None  # purge history older than this; None keeps everything
 
     def validate(self) -> "NodeConfig":
         problems = []
@@ -44,6 +45,8 @@ class NodeConfig:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 problems.append(f"--bootstrap {addr!r} must be a multiaddr ending in /p2p/PEER_ID")
+        if self.retention_days is not None and self.retention_days <= 0:
+            problems.append("--retention-days must be positive")
         if self.session_ttl_s < 60:
             problems.append("session TTL must be at least 60 s")
         if problems:

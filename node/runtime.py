@@ -373,13 +373,31 @@ class Node:
         missing.sort(key=lambda m: (m.ts, m.origin, m.message_id))
         return missing
 
-    async def serve_repair(self, period_s: float = 2.0) -> None:
+    async def serve_retention(self, every_s: float = 3600.0) -> None:
+        """Purges history older than the retention setting, hourly (every node does it; the
+        deletes are idempotent)."""
+        days = self.config.retention_days
+        if days is None:
+            return
+        from sms.crdt.hlc import pack
+
+        while True:
+            cutoff = pack(max(0, wall_ms() - int(days * 86_400_000)), 0)
+            try:
+                purged = await self.history.purge_older_than(cutoff)
+                if purged:
+                    log.info("retention: purged %d messages older than %s days", purged, days)
+            except SmsError as err:
+                log.warning("retention purge failed: %s", err.message)
+            await trio.sleep(every_s)
+
+    async def serve_repair(self, period_s: float = 3.0) -> None:
         """Anti-entropy against history: at once when a gap shows, and every `period_s` anyway
         (which also covers a peer that was unreachable, and a node that restarted)."""
         while True:
             with trio.move_on_after(period_s):
                 await self._repair_wanted.wait()
-                await trio.sleep(0.2)  # a gap often closes by itself: frames overtake each other
+                await trio.sleep(0.5)  # a gap usually closes by itself: frames overtake each other
             self._repair_wanted = trio.Event()
             for room in self.cache.all_rooms():
                 try:
@@ -824,6 +842,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node.serve_room_joins)
                 nursery.start_soon(node.serve_repair)
                 nursery.start_soon(node.serve_ephemeral)
+                nursery.start_soon(node.serve_retention)
                 await p2p.join_room("")  # the presence topic
                 yield node
                 nursery.cancel_scope.cancel()
