@@ -35,7 +35,11 @@ def up(
                                        help="Use this etcd (http://HOST:PORT) instead of an embedded one."),
     db: Optional[str] = typer.Option(None, "--db", envvar="SMS_DB",
                                      help="Use this PostgreSQL/CockroachDB DSN instead of an embedded PostgreSQL."),
-    etcd_port: int = typer.Option(12379, help="Client port of the embedded etcd (peer port is +1)."),
+    etcd_port: int = typer.Option(12379, help="Client port of the embedded etcd (peer port is +1); "
+                                             "with --etcd-members N, member i uses this + 2i and + 2i + 1."),
+    etcd_members: int = typer.Option(1, "--etcd-members", min=1, max=9,
+                                     help="Members of the embedded etcd: 3 (or 5) on 127.0.0.1 survives losing "
+                                          "one (two); data in DIR/etcd-N. Nodes get every member's URL."),
     pg_port: int = typer.Option(15432, help="Port of the embedded PostgreSQL."),
     log_level: str = typer.Option("info", help="Node log level (debug, info, warning)."),
 ) -> None:
@@ -44,7 +48,7 @@ def up(
 
     opts = UpOptions(
         data_dir=data_dir, nodes=nodes, http_port=http_port, p2p_port=p2p_port, etcd_url=etcd,
-        db_dsn=db, etcd_port=etcd_port, pg_port=pg_port, log_level=log_level,
+        db_dsn=db, etcd_port=etcd_port, etcd_members=etcd_members, pg_port=pg_port, log_level=log_level,
     )
     try:
         run_up(opts, lambda line: typer.echo(line))
@@ -66,6 +70,10 @@ def node(
                                                help="File holding the cluster secret (else $SMS_CLUSTER_SECRET)."),
     group_commit: bool = typer.Option(True, help="Write concurrent sends in batches."),
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
+    rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
+                                     help="Requests per second per user that change state, cluster-wide (0: off)."),
+    allow_origin: List[str] = typer.Option([], "--allow-origin",
+                                           help="Extra Origin allowed to open the WebSocket (repeatable; the node's own is always allowed)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run one node in the foreground (what `sms up` starts N of)."""
@@ -84,7 +92,8 @@ def node(
         config = NodeConfig(
             name=name, data_dir=data_dir, etcd_url=etcd, db_dsn=db, http_port=http_port,
             p2p_port=p2p_port, bootstrap=tuple(bootstrap), secret=read_secret(secret_file),
-            group_commit=group_commit, retention_days=retention_days,
+            group_commit=group_commit, retention_days=retention_days, rate_limit_per_s=rate_limit,
+            allowed_origins=tuple(allow_origin),
         ).validate()
         run_node(config)
     except SmsError as exc:

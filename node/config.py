@@ -30,6 +30,7 @@ class NodeConfig:
     group_commit: bool = True
     publish_window_ms: float = 2.0
     retention_days: float | None = None  # purge history older than this; None keeps everything
+    rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 
     def validate(self) -> "NodeConfig":
         problems = []
@@ -47,6 +48,8 @@ class NodeConfig:
                 problems.append(f"--bootstrap {addr!r} must be a multiaddr ending in /p2p/PEER_ID")
         if self.retention_days is not None and self.retention_days <= 0:
             problems.append("--retention-days must be positive")
+        if self.rate_limit_per_s < 0:
+            problems.append("--rate-limit must be 0 (off) or positive")
         if self.session_ttl_s < 60:
             problems.append("session TTL must be at least 60 s")
         if problems:

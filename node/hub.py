@@ -21,6 +21,7 @@ QUEUE_DEPTH = 4096
 @dataclass(eq=False)
 class Subscriber:
     user_id: str
+    token_hash: str
     send: trio.MemorySendChannel
     receive: trio.MemoryReceiveChannel
     overflowed: bool = False
@@ -35,9 +36,9 @@ class Hub:
     _by_user: dict[str, set[Subscriber]] = field(default_factory=dict)
     delivered: int = 0
 
-    def connect(self, user_id: str) -> Subscriber:
+    def connect(self, user_id: str, token_hash: str = "") -> Subscriber:
         send, receive = trio.open_memory_channel(QUEUE_DEPTH)
-        sub = Subscriber(user_id, send, receive)
+        sub = Subscriber(user_id, token_hash, send, receive)
         self._by_user.setdefault(user_id, set()).add(sub)
         return sub
 
@@ -71,6 +72,14 @@ class Hub:
         for sub in list(self._by_user.get(user_id, ())):
             sub.closed_reason = reason
             sub.send.close()
+
+    def close_session(self, token_hash: str, reason: str) -> None:
+        """Closes every connection authenticated with this session (logout, expiry)."""
+        for subs in self._by_user.values():
+            for sub in list(subs):
+                if sub.token_hash == token_hash:
+                    sub.closed_reason = reason
+                    sub.send.close()
 
     def _offer(self, sub: Subscriber, event: dict) -> None:
         if sub.overflowed:

@@ -58,6 +58,7 @@ from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
 from .core.names import validate_name, validate_password
 from .core.registry_cache import RegistryCache
+from .core.ratelimit import RateLimiter
 from .core.rooms import validate_body
 from .core.rooms import (
     Deliver,
@@ -161,6 +162,16 @@ class Node:
     _ws_count: dict[str, int] = field(default_factory=dict)
     _offline_reported: set[str] = field(default_factory=set)
     nursery: trio.Nursery | None = None
+    limiter: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.rate_limit_per_s > 0 and self.limiter is None:
+            self.limiter = RateLimiter(self.config.rate_limit_per_s, 2 * self.config.rate_limit_per_s)
+
+    def check_rate(self, user_id: str) -> None:
+        """Raises RateLimited (429) when the user is over their share of the cluster-wide limit."""
+        if self.limiter is not None:
+            self.limiter.check(user_id, wall_ms(), nodes=max(1, len(self.cache.nodes())))
 
     # -- accounts
 
@@ -242,6 +253,9 @@ class Node:
             members.append({"user_id": member_id, "name": user.name if user else None, "role": role})
         return {"room_id": room_id, "name": room.name if room else None, "members": members}
 
+    def on_session_ended(self, token_hash: str) -> None:
+        self.hub.close_session(token_hash, "the session ended; log in again")
+
     def on_registry_change(self, change) -> None:
         """Reacts to registry changes the cache feed applied: node admissions and removals cut
         peers off or let them back at once; membership changes are told to the clients they
@@ -257,6 +271,9 @@ class Node:
                     self.nursery.start_soon(self.p2p.cut_off, peer)
             else:
                 self.p2p.readmit(peer)
+            return
+        if change.kind == "session" and change.deleted:
+            self.on_session_ended(change.key[0])
             return
         if change.kind != "member" or not change.deleted:
             return

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from ..core.delivery import decode_cursor, encode_cursor
 from ..errors import BadRequest, PayloadTooLarge, RateLimited, SmsError, Unauthorized
+from ..runtime import token_hash
 
 log = logging.getLogger("sms.gateway")
 
@@ -70,6 +71,14 @@ def bearer(request: Request) -> str | None:
 
 
 def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
+    allowed = set(node.config.allowed_origins)
+
+    def origin_allowed(origin: str, host: str) -> bool:
+        """Same origin as the node (the page it serves), or one the operator allowed."""
+        if origin in allowed or "*" in allowed:
+            return True
+        return origin in (f"http://{host}", f"https://{host}")
+
     app = FastAPI(
         title="sms",
         version="1",
@@ -104,7 +113,10 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         return await call_next(request)
 
     async def user_of(request: Request) -> str:
-        return await node.authenticate(bearer(request))
+        user_id = await node.authenticate(bearer(request))
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            node.check_rate(user_id)
+        return user_id
 
     # -- health, status, metrics
 
@@ -252,6 +264,11 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     @app.websocket("/v1/events")
     async def events(ws: WebSocket, token: str | None = None, since: str | None = None) -> None:
+        origin = ws.headers.get("origin")
+        if origin is not None and not origin_allowed(origin, ws.headers.get("host", "")):
+            # A page from another site must not ride a user's token into their chat.
+            await ws.close(code=WS_CLOSE_POLICY, reason="origin not allowed")
+            return
         try:
             user_id = await node.authenticate(token)
             resume = decode_cursor(since) if since else None
@@ -264,7 +281,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         await ws.accept()
         # Subscribe first, so nothing that arrives during the catch-up is missed; the connection's
         # tracker then drops whatever the catch-up already sent.
-        sub = node.hub.connect(user_id)
+        sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
         try:
             await node.client_connected(user_id)

@@ -149,3 +149,57 @@ async def test_room_details_leaving_and_deleting(cluster: ClusterProcess) -> Non
                             await trio.sleep(0.05)
                     r = await http.put(cluster.http(node) + f"/v1/rooms/{room}/messages/late", json={"body": "x"}, headers=auth(alice))
                     assert r.status_code == 404
+
+
+async def test_logout_ends_the_session_everywhere_and_closes_its_websocket(cluster: ClusterProcess) -> None:
+    from trio_websocket import ConnectionClosed, ConnectionRejected
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        room, users = await setup_room(cluster, http)
+        _, token = users[1]
+        async with open_websocket_url(cluster.ws(2) + f"/v1/events?token={token}") as ws:
+            r = await http.delete(cluster.http(0) + "/v1/sessions/current", headers=auth(token))
+            assert r.status_code == 204
+            with trio.fail_after(10):
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await ws.get_message()
+            assert closed.value.reason.code == 1008
+        for node in range(3):
+            assert (await http.get(cluster.http(node) + "/v1/rooms", headers=auth(token))).status_code == 401
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket_url(cluster.ws(1) + f"/v1/events?token={token}"):
+                pass
+
+
+async def test_a_page_from_another_origin_cannot_open_the_event_stream(cluster: ClusterProcess) -> None:
+    from trio_websocket import ConnectionRejected
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        _, users = await setup_room(cluster, http)
+        token = users[0][1]
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={token}",
+                                          extra_headers=[("Origin", "http://evil.example")]):
+                pass
+        own = cluster.http(0)
+        async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={token}", extra_headers=[("Origin", own)]):
+            pass
+
+
+async def test_a_flood_from_one_user_is_answered_with_429_and_a_retry_hint(cluster: ClusterProcess) -> None:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=32)) as http:
+        room, users = await setup_room(cluster, http)
+        token = users[0][1]
+        statuses: list[tuple[int, dict]] = []
+
+        async def one(i: int) -> None:
+            r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/typing", json={"typing": True}, headers=auth(token))
+            statuses.append((r.status_code, r.json() if r.status_code != 204 else {}))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(800):  # bounded: 800 requests, well over one node's share of rate and burst
+                nursery.start_soon(one, i)
+        limited = [body for status, body in statuses if status == 429]
+        assert limited and {s for s, _ in statuses} <= {204, 429}
+        assert limited[0]["error"]["code"] == "rate_limited" and limited[0]["error"]["retry_after_ms"] > 0
