@@ -35,6 +35,30 @@ def error_body(code: str, message: str, **extra: Any) -> dict:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_ERROR = {"model": ErrorBody}
+COMMON_ERRORS = {
+    400: {**_ERROR, "description": "Malformed JSON, an invalid name or cursor"},
+    401: {**_ERROR, "description": "No, unknown or expired token; wrong password"},
+    403: {**_ERROR, "description": "Not a member, not an admin, not the sender"},
+    404: {**_ERROR, "description": "No such user, room or message"},
+    409: {**_ERROR, "description": "Name taken; the last admin cannot go"},
+    413: {**_ERROR, "description": "Message body over 64 KiB or request over 256 KiB"},
+    422: {**_ERROR, "description": "A field is missing or of the wrong type"},
+    429: {**_ERROR, "description": "Over the per-user rate limit; retry after retry_after_ms"},
+    503: {**_ERROR, "description": "etcd or the database is unreachable; nothing was changed"},
+}
+
+
 class Credentials(BaseModel):
     name: str
     password: str
@@ -83,6 +107,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         title="sms",
         version="1",
         description="Peer-to-peer chat: every node serves the whole API. See docs/api.md.",
+        responses=COMMON_ERRORS,  # type: ignore[arg-type]
     )
 
     @app.exception_handler(SmsError)
@@ -200,10 +225,13 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- messages
 
-    @app.put("/v1/rooms/{room_id}/messages/{txn_id}", tags=["messages"])
-    async def send(request: Request, room_id: str, txn_id: str, body: MessagePut) -> dict:
+    # One path template serves the three: OpenAPI forbids two templates that differ only in a
+    # parameter's name. For PUT the key is the client's transaction id, else the message id.
+    @app.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+             summary="Send a message (key: your transaction id; idempotent)")
+    async def send(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
-        msg = await node.send(user_id, room_id, txn_id, body.body)
+        msg = await node.send(user_id, room_id, key, body.body)
         return {"message_id": msg.message_id, "ts": msg.ts}
 
     @app.get("/v1/rooms/{room_id}/messages", tags=["messages"])
@@ -223,15 +251,17 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             "next": page.next,
         }
 
-    @app.patch("/v1/rooms/{room_id}/messages/{message_id}", tags=["messages"])
-    async def edit(request: Request, room_id: str, message_id: str, body: MessagePut) -> dict:
+    @app.patch("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+               summary="Edit a message (key: its message id; the sender only)")
+    async def edit(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
-        return await node.edit_message(user_id, room_id, message_id, body.body)
+        return await node.edit_message(user_id, room_id, key, body.body)
 
-    @app.delete("/v1/rooms/{room_id}/messages/{message_id}", status_code=204, tags=["messages"])
-    async def delete_message(request: Request, room_id: str, message_id: str) -> Response:
+    @app.delete("/v1/rooms/{room_id}/messages/{key}", status_code=204, tags=["messages"],
+                summary="Delete a message (key: its message id; the sender or an admin)")
+    async def delete_message(request: Request, room_id: str, key: str) -> Response:
         user_id = await user_of(request)
-        await node.delete_message(user_id, room_id, message_id)
+        await node.delete_message(user_id, room_id, key)
         return Response(status_code=204)
 
     @app.put("/v1/rooms/{room_id}/typing", status_code=204, tags=["presence"])
