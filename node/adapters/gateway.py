@@ -88,6 +88,25 @@ class PresencePut(BaseModel):
     status: str
 
 
+class BodyCap:
+    """Refuses a request whose declared body is over the cap before reading it. Plain ASGI:
+    Starlette's BaseHTTPMiddleware costs a task group per request on the hot path."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > MAX_REQUEST_BYTES:
+                    body = json.dumps(error_body("payload_too_large", f"request body over {MAX_REQUEST_BYTES} bytes")).encode()
+                    await send({"type": "http.response.start", "status": 413,
+                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+
 def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -128,14 +147,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
 
-    @app.middleware("http")
-    async def _cap_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            return JSONResponse(
-                error_body("payload_too_large", f"request body over {MAX_REQUEST_BYTES} bytes"), 413
-            )
-        return await call_next(request)
+    app.add_middleware(BodyCap)
 
     async def user_of(request: Request) -> str:
         user_id = await node.authenticate(bearer(request))
