@@ -5,6 +5,7 @@
     sms bench conn-scale    many WebSocket connections, a few percent chatting
     sms bench node-scale    1, 3, 5, 10 nodes at one rate
     sms bench plot FILE     PNGs from a result file
+    sms bench report FILE   markdown tables from a result file
 
 Each writes benchmarks/results/<kind>-<time>.json (machine, versions, git commit, config, points)
 and PNGs beside it. Every loop is bounded; see docs/benchmarks.md.
@@ -54,6 +55,8 @@ def register(app: typer.Typer) -> None:
         max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
         baselines: str = typer.Option("nats,gossipsub", help="Comma list from: nats, gossipsub ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
+        retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
+        quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
         out: Path = typer.Option(RESULTS, help="Where result JSON and PNGs go."),
         work_dir: Optional[Path] = typer.Option(None, help="Scratch dir for clusters (default: a new temp dir)."),
     ) -> None:
@@ -65,6 +68,7 @@ def register(app: typer.Typer) -> None:
                      warmup_s=warmup, drain_s=drain, max_in_flight=max_in_flight, rate=start_rate).validate()
         policy = SweepPolicy(start_rate=start_rate, factor=factor, max_rate=max_rate, max_points=max_points,
                              refine=refine).validate()
+        _set_patience(retries, quiet_wait)
         _run_load("sweep", cluster, nodes, w, policy, None, baselines, profile, out, work_dir)
 
     @bench.command("run")
@@ -82,10 +86,13 @@ def register(app: typer.Typer) -> None:
         max_in_flight: int = typer.Option(512, min=1),
         baselines: str = typer.Option("", help="Comma list from: nats, gossipsub."),
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
+        retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
+        quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
         out: Path = typer.Option(RESULTS),
         work_dir: Optional[Path] = typer.Option(None),
     ) -> None:
         """Fixed offered rates against sms (and optionally the baselines)."""
+        _set_patience(retries, quiet_wait)
         from .schedule import Workload
         from .sweep import SweepPolicy
 
@@ -132,6 +139,15 @@ def register(app: typer.Typer) -> None:
         counts = [int(x) for x in node_counts.split(",") if x.strip()]
         node_scale(counts, rate, clients, senders, rooms, duration, warmup, out, work_dir, _say)
 
+    @bench.command("report")
+    def report_cmd(result: Path = typer.Argument(..., exists=True, help="A result JSON file.")) -> None:
+        """Print a result file as markdown tables (as in docs/benchmarks.md)."""
+        import json
+
+        from .report import render
+
+        typer.echo(render(json.loads(result.read_text())))
+
     @bench.command("plot")
     def plot_cmd(result: Path = typer.Argument(..., exists=True, help="A result JSON file.")) -> None:
         """(Re)draw the PNGs of a result file next to it."""
@@ -139,6 +155,12 @@ def register(app: typer.Typer) -> None:
 
         for p in make_plots(json.loads(result.read_text()), result.parent, result.stem):
             typer.echo(f"wrote {p}")
+
+
+def _set_patience(retries: int, quiet_wait: float) -> None:
+    from . import runner
+
+    runner.RETRIES, runner.QUIET_WAIT_S = retries, quiet_wait
 
 
 def make_plots(doc: dict, out: Path, stem: str) -> list[Path]:
@@ -172,7 +194,11 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
         systems["nats"] = nats_system(w, policy, rates, _say, wd)
     if "gossipsub" in wanted:
         systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
+    from . import runner
+
     config = workload_config(w, policy, rates, nodes=n_nodes, baselines=wanted,
+                             interference={"disturbed_above_percent": runner.DISTURBED_PERCENT,
+                                           "retries": runner.RETRIES, "quiet_wait_s": runner.QUIET_WAIT_S},
                              cluster="given" if cluster_file else "fresh sms up", wall_s=round(time.monotonic() - t0, 1))
     doc = result_doc(kind, config, systems, notes=notes)
     path = write_result(doc, out, stem)

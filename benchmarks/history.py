@@ -151,13 +151,14 @@ def fresh_postgres(base: Path) -> Iterator[object]:
         pg.stop()
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU of these processes and their children (PostgreSQL backends)."""
+def cpu_seconds(pids: Sequence[int], children: bool = True) -> float:
+    """User + system CPU of these processes and (children=True) their children (PostgreSQL
+    backends)."""
     total = 0.0
     for pid in pids:
         try:
             p = psutil.Process(pid)
-            procs = [p, *p.children(recursive=True)]
+            procs = [p, *p.children(recursive=True)] if children else [p]
         except psutil.NoSuchProcess:
             continue
         for q in procs:
@@ -324,11 +325,116 @@ async def sql_point(dsn: str, group_commit: bool, concurrency: int, duration: fl
 # -- sends: through real nodes ------------------------------------------------------------------------
 
 
-async def _setup_room(http: httpx.AsyncClient, urls: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    """One user per node, all members of one room; returns (room_id, [(base_url, token)])."""
+class MiniHttp:
+    """One keep-alive HTTP/1.1 connection on a trio socket, for the load generator only.
+
+    httpx costs about 4.6 ms of client CPU per request here, which made the first version of this
+    benchmark measure its own client (one core busy at ~210 sends/s). This costs a small fraction
+    of that. It speaks just enough HTTP for our JSON API: Content-Length or chunked bodies."""
+
+    def __init__(self, base: str) -> None:
+        host_port = base.split("://", 1)[1].rstrip("/")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.stream: trio.SocketStream | None = None
+        self.buf = b""
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("connection closed")
+            self.buf += data
+        head, self.buf = self.buf.split(marker, 1)
+        return head
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("connection closed")
+            self.buf += data
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    async def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+            self.buf = b""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}",
+                 "Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items())]
+        try:
+            await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            head = (await self._read_until(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split(" ", 2)[1])
+            fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+            if "content-length" in fields:
+                data = await self._read_exactly(int(fields["content-length"]))
+            elif fields.get("transfer-encoding", "").lower() == "chunked":
+                data = b""
+                while True:
+                    size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
+                    chunk = await self._read_exactly(size + 2)
+                    if size == 0:
+                        break
+                    data += chunk[:-2]
+            else:
+                raise ConnectionError("response without a length")
+            if fields.get("connection", "").lower() == "close":
+                await self.close()
+            return status, data
+        except BaseException:
+            await self.close()
+            raise
+
+
+def db_write_xids(dsn: str | None) -> int | None:
+    """PostgreSQL's next transaction id. Only transactions that write get one, so the difference
+    between two readings counts write transactions (group-commit batches, single appends), not
+    reads, pings or the pool's connection checks. (pg_stat_database's xact_commit would count
+    those too, and a backend reports it up to 10 s late.) None if unknown (e.g. CockroachDB)."""
+    if not dsn:
+        return None
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:
+        return None
+
+
+def persist_totals(urls: list[str]) -> tuple[float, float]:
+    """Sum of sms_persist_seconds (sum, count) over the nodes' /metrics."""
+    total_s = count = 0.0
+    with httpx.Client(timeout=5) as client:
+        for base in urls:
+            try:
+                text = client.get(base + "/metrics").text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("sms_persist_seconds_sum "):
+                    total_s += float(line.split()[1])
+                elif line.startswith("sms_persist_seconds_count "):
+                    count += float(line.split()[1])
+    return total_s, count
+
+
+async def _setup_room(http: httpx.AsyncClient, urls: list[str], n_users: int) -> tuple[str, list[tuple[str, str]]]:
+    """`n_users` users, user i registered on node i % len(urls), all members of one room; returns
+    (room_id, [(base_url, token)] per user). One user per sender keeps every sender under the
+    per-user rate limit (200 requests/s cluster-wide by default)."""
     tag = uuid.uuid4().hex[:8]
     users = []
-    for i, base in enumerate(urls):
+    for i in range(n_users):
+        base = urls[i % len(urls)]
         name = f"bench{i}-{tag}"
         (await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})).raise_for_status()
         r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
@@ -340,55 +446,67 @@ async def _setup_room(http: httpx.AsyncClient, urls: list[str]) -> tuple[str, li
     room = r.json()["room_id"]
     for user_id, _ in users[1:]:
         (await http.put(urls[0] + f"/v1/rooms/{room}/members/{user_id}", json={"role": "member"}, headers=hdr)).raise_for_status()
-    for i, base in enumerate(urls):  # every node's registry cache knows the room and its members
+    for base in urls:  # every node's registry cache knows the room and its last member
         with trio.fail_after(20):
             while True:
                 r = await http.get(base + "/v1/rooms", headers={"Authorization": f"Bearer {users[-1][1]}"})
                 if r.status_code == 200 and any(x["room_id"] == room for x in r.json()["rooms"]):
                     break
                 await trio.sleep(0.05)
-    return room, [(urls[i], users[i][1]) for i in range(len(urls))]
+    return room, [(urls[i % len(urls)], users[i][1]) for i in range(n_users)]
 
 
 async def http_point(urls: list[str], concurrency: int, duration: float, warmup: float, max_sends: int,
-                     request_timeout: float, cpu_pids: Sequence[int]) -> dict:
+                     request_timeout: float, cpu_pids: Sequence[int], dsn: str | None) -> dict:
     lat: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=request_timeout, limits=limits) as http:
-        room, senders = await _setup_room(http, urls)
-        t_warm = trio.current_time() + warmup
-        t_end = t_warm + duration
-        cpu: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=request_timeout) as http:
+        room, senders = await _setup_room(http, urls, concurrency)
+    t_warm = trio.current_time() + warmup
+    t_end = t_warm + duration
+    before: dict[str, object] = {}
 
-        async def worker(w: int) -> None:
-            base, token = senders[w % len(senders)]
-            hdr = {"Authorization": f"Bearer {token}"}
-            i = 0
+    async def worker(w: int) -> None:
+        base, token = senders[w]
+        hdr = {"Authorization": f"Bearer {token}"}
+        conn = MiniHttp(base)
+        i = 0
+        try:
             while trio.current_time() < t_end and len(lat) < max_sends:
                 i += 1
                 t0 = trio.current_time()
+                body = json.dumps({"body": f"w{w} message {i}"}).encode()
                 try:
-                    r = await http.put(base + f"/v1/rooms/{room}/messages/w{w}-{i}", json={"body": f"w{w} {i}"}, headers=hdr)
-                    code = str(r.status_code)
-                except httpx.HTTPError as e:
+                    with trio.fail_after(request_timeout):
+                        status, _ = await conn.request("PUT", f"/v1/rooms/{room}/messages/w{w}-{i}", body, hdr)
+                    code = str(status)
+                except (OSError, ConnectionError, ValueError, trio.TooSlowError) as e:
                     code = type(e).__name__
                 if code != "200":
                     errors[code] = errors.get(code, 0) + 1
                     await trio.sleep(0.05)
                 elif t0 >= t_warm:
                     lat.append(trio.current_time() - t0)
+        finally:
+            await conn.close()
 
-        async with trio.open_nursery() as nursery:
-            for w in range(concurrency):
-                nursery.start_soon(worker, w)
-            await trio.sleep_until(t_warm)
-            measured_from = trio.current_time()
-            cpu["nodes_db_start"] = cpu_seconds(cpu_pids)
-            cpu["client_start"] = cpu_seconds([os.getpid()])
-        elapsed = trio.current_time() - measured_from
-        node_cpu = cpu_seconds(cpu_pids) - cpu["nodes_db_start"]
-        client_cpu = cpu_seconds([os.getpid()]) - cpu["client_start"]
+    async with trio.open_nursery() as nursery:
+        for w in range(concurrency):
+            nursery.start_soon(worker, w)
+        await trio.sleep_until(t_warm)
+        measured_from = trio.current_time()
+        before["cpu"] = cpu_seconds(cpu_pids)
+        before["client"] = cpu_seconds([os.getpid()], children=False)
+        before["commits"] = await trio.to_thread.run_sync(db_write_xids, dsn)
+        before["persist"] = await trio.to_thread.run_sync(persist_totals, urls)
+    elapsed = trio.current_time() - measured_from
+    node_cpu = cpu_seconds(cpu_pids) - before["cpu"]
+    client_cpu = cpu_seconds([os.getpid()], children=False) - before["client"]
+    commits = await trio.to_thread.run_sync(db_write_xids, dsn)
+    persist = await trio.to_thread.run_sync(persist_totals, urls)
+    # Counters are read a moment after the last measured send; sends of the warm-up are excluded.
+    d_commits = commits - before["commits"] if commits is not None and before["commits"] is not None else None
+    d_persist_s, d_persist_n = persist[0] - before["persist"][0], persist[1] - before["persist"][1]
     return {
         "layer": "cluster",
         "concurrency": concurrency,
@@ -397,11 +515,20 @@ async def http_point(urls: list[str], concurrency: int, duration: float, warmup:
         "elapsed_s": round(elapsed, 3),
         "acks_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else None,
         "ack_ms": latency_ms(lat),
+        "persist_mean_ms": round(d_persist_s / d_persist_n * 1000, 2) if d_persist_n else None,
+        "write_transactions_per_ack": round(d_commits / len(lat), 3) if d_commits is not None and lat else None,
         "cpu_s_per_1000_acks": {
             "nodes_and_postgres": round(node_cpu / len(lat) * 1000, 2) if lat and cpu_pids else None,
             "client": round(client_cpu / len(lat) * 1000, 2) if lat else None,
         },
     }
+
+
+def report(p: dict) -> None:
+    p["loadavg_1m_after"] = round(os.getloadavg()[0], 2)  # this machine is shared: note how busy it was
+    say(f"    {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms, "
+        f"persist {p['persist_mean_ms']} ms, write txns/ack {p['write_transactions_per_ack']}, errors {p['errors']}, "
+        f"cpu s/1000 acks {p['cpu_s_per_1000_acks']}")
 
 
 def run_sends(args: argparse.Namespace) -> dict:
@@ -415,6 +542,7 @@ def run_sends(args: argparse.Namespace) -> dict:
                     for mode in modes:
                         say(f"sql: group_commit={mode == 'group'} concurrency={c} ...")
                         p = trio.run(sql_point, pg.dsn, mode == "group", c, args.duration, args.warmup, args.max_sends)
+                        p["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
                         say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms, batch {p['mean_batch']}")
                         points.append(p)
         if "cluster" in args.layers:
@@ -422,23 +550,25 @@ def run_sends(args: argparse.Namespace) -> dict:
                 info = json.loads(args.cluster.read_text())
                 urls = [n["http"] for n in info["nodes"]]
                 pids = [n["pid"] for n in info["nodes"] if n.get("pid")]
-                say(f"cluster {args.cluster} ({len(urls)} nodes, its own group-commit setting) concurrency={args.concurrency} ...")
-                p = trio.run(lambda: http_point(urls, args.concurrency, args.duration, args.warmup, args.max_sends,
-                                                args.request_timeout, pids))
-                p.update(nodes=len(urls), group_commit=None, source=str(args.cluster))
-                say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms")
-                points.append(p)
+                for c in args.concurrency:
+                    say(f"cluster {args.cluster} ({len(urls)} nodes, its own group-commit setting) concurrency={c} ...")
+                    p = trio.run(lambda: http_point(urls, c, args.duration, args.warmup, args.max_sends,
+                                                    args.request_timeout, pids, info.get("db")))
+                    p.update(nodes=len(urls), group_commit=None, source=str(args.cluster))
+                    report(p)
+                    points.append(p)
             else:
                 for n in args.nodes:
                     for mode in modes:
-                        say(f"cluster: {n} node(s), group_commit={mode == 'group'} concurrency={args.concurrency} ... (starting)")
+                        say(f"cluster: starting {n} node(s), group_commit={mode == 'group'} ...")
                         with local_cluster(Path(tmp) / f"c{n}-{mode}", n, mode == "group") as lc:
-                            p = trio.run(lambda: http_point(lc.http, args.concurrency, args.duration, args.warmup,
-                                                            args.max_sends, args.request_timeout, lc.pids()))
-                        p.update(nodes=n, group_commit=mode == "group")
-                        say(f"  {p['acks_per_s']} acks/s, p50 {p['ack_ms']['p50']} ms, p99 {p['ack_ms']['p99']} ms, "
-                            f"errors {p['errors']}, cpu/1000 {p['cpu_s_per_1000_acks']}")
-                        points.append(p)
+                            for c in args.concurrency:
+                                say(f"  concurrency={c} ...")
+                                p = trio.run(lambda: http_point(lc.http, c, args.duration, args.warmup, args.max_sends,
+                                                                args.request_timeout, lc.pids(), lc.pg.dsn))
+                                p.update(nodes=n, group_commit=mode == "group")
+                                report(p)
+                                points.append(p)
     return {"benchmark": "history-sends", "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
             "points": points}
 
@@ -583,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sql-concurrency", type=int_list, default=[1, 8, 32, 128],
                        help="concurrent appenders for the sql layer (default 1,8,32,128)")
         p.add_argument("--nodes", type=int_list, default=[1, 3], help="cluster sizes to start (default 1,3)")
-        p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP senders (default %(default)s)")
+        p.add_argument("--concurrency", type=int_list, default=[1, 32],
+                       help="concurrent HTTP senders, per point (default 1,32)")
         p.add_argument("--cluster", type=Path, default=None,
                        help="measure this running `sms up` cluster (DATA/cluster.json) instead of starting nodes")
         p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default %(default)s)")

@@ -80,8 +80,7 @@ class ResourceMonitor:
                 "rss_mb": round(end[g.name][1] / 2**20, 1),
                 "peak_rss_mb": round(peak[g.name] / 2**20, 1),
             }
-        busy = lambda t: t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0)  # noqa: E731
-        total_busy = busy(sys1) - busy(sys0)
+        total_busy = _busy(sys1) - _busy(sys0)
         ours = sum(v["cpu_s"] for v in out.values())
         out["machine"] = {
             "role": "machine",
@@ -123,3 +122,33 @@ def cluster_groups(cluster: dict) -> list[Group]:
         groups.append(Group("postgres", "postgres", pg, children=True))
     groups.append(Group("generator", "generator", [os.getpid()]))
     return groups
+
+
+def _busy(t) -> float:
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0)
+
+
+async def other_cpu_percent(groups: list[Group], seconds: float = 1.0) -> float:
+    """CPU used over `seconds` by processes outside `groups`, in percent of one core."""
+    ours0 = sum(_sample(g)[0] for g in groups)
+    sys0 = psutil.cpu_times()
+    t0 = time.monotonic()
+    await anyio.sleep(seconds)
+    ours1 = sum(_sample(g)[0] for g in groups)
+    sys1 = psutil.cpu_times()
+    wall = max(1e-6, time.monotonic() - t0)
+    return round(100 * max(0.0, (_busy(sys1) - _busy(sys0)) - (ours1 - ours0)) / wall, 1)
+
+
+async def wait_for_quiet(groups: list[Group], limit_percent: float, max_wait_s: float, say=None) -> float:
+    """Wait (at most max_wait_s) until processes outside `groups` use at most limit_percent of a
+    core; returns the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    told = False
+    while True:
+        other = await other_cpu_percent(groups)
+        if other <= limit_percent or time.monotonic() >= deadline:
+            return other
+        if say and not told:
+            say(f"  waiting for a quieter machine: other processes use {other:.0f}% CPU (limit {limit_percent:.0f}%)")
+            told = True

@@ -16,7 +16,7 @@ def pt(rate, held):
         "offered_rate": rate, "duration_s": 10.0, "scheduled": 10, "sent": 10, "acked": 10, "send_errors": 0,
         "not_sent": 0, "expected_deliveries": 20, "delivered": 20, "lost": 0, "loss_ratio": 0.0,
         "duplicates": 0, "delivery_ms": dict(LAT), "ack_ms": dict(LAT), "lag_ms": dict(LAT),
-        "throughput": {"sends_per_s": 1.0}, "held": held, "reasons": [],
+        "throughput": {"sends_per_s": 1.0, "deliveries_per_s": 2.0}, "held": held, "reasons": [],
         "resources": {"node-0": {"cpu_s": 1.0, "cpu_percent": 10.0, "rss_mb": 100.0, "peak_rss_mb": 100.0, "role": "node"}},
     }
 
@@ -70,3 +70,15 @@ def test_profile_summary_attributes_self_and_inclusive_time():
     assert component("threading.py") == "stdlib" and component("<frozen runpy>") == "stdlib"
     assert component("hypercorn/trio/task_group.py") == "hypercorn"
     assert component("/work/main/crdt/hlc.py") == "sms.crdt"
+
+
+def test_report_tables_and_the_nats_comparison():
+    from sms.benchmarks.report import render, versus_nats
+
+    doc = sweep_doc()
+    doc["systems"]["nats"] = {"points": [pt(50, True), pt(100, True)], "max_sustained_rate": 100}
+    doc["systems"]["nats"]["points"][1]["delivery_ms"]["p99"] = 0.5
+    assert versus_nats(doc) == [(50, 1.0, 1.0, 1.0), (100, 1.0, 0.5, 2.0)]
+    text = render(doc)
+    assert "| sms | 100 |" in text and "| nats | 100 |" in text
+    assert text.count("\n| sms | ") == 4  # the summary row and three points
