@@ -1,5 +1,5 @@
-"""Operator commands of `sms`: which nodes the cluster admits (`sms nodes list|remove`) and the
-bootstrap peers new nodes join through (`sms bootstrap`). Registered on the main app.
+"""Operator commands of `sms`: which nodes the cluster admits (`sms nodes list|remove|admit`) and
+the bootstrap peers new nodes join through (`sms bootstrap`). Registered on the main app.
 
 Where etcd is: --etcd URL, else $SMS_ETCD, else the "etcd" of DIR/cluster.json when --data-dir
 (or $SMS_DATA_DIR) names the directory of a running `sms up`.
@@ -26,7 +26,8 @@ DEFAULT_PREFIX = "/sms/"
 nodes_app = typer.Typer(
     help=(
         "The cluster's nodes, as registered in etcd. A peer is admitted to the mesh only while its "
-        "registration (nodes/PEER_ID, on a lease it keeps alive) exists."
+        "registration (nodes/PEER_ID, on a lease it keeps alive) exists and no operator removed it "
+        "(removed/PEER_ID, until `sms nodes admit`)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -116,13 +117,19 @@ def _describe(info: dict[str, Any]) -> str:
 
 
 _LIST_HELP = (
-    "List the nodes the cluster admits: every peer whose etcd registration is alive.\n\n"
+    "List the nodes the cluster admits: every peer whose etcd registration is alive; then the peers "
+    "an operator removed (they stay out until `sms nodes admit`).\n\n"
     "A running node (or a bootstrap peer started with --etcd) keeps its registration alive; one that "
     "stops disappears at once, one that dies within its lease TTL (about 10 s).\n\n"
     "Examples:\n\n"
     "  sms nodes list --data-dir ./data\n\n"
-    "  sms nodes list --etcd http://127.0.0.1:12379 --json"
+    "  sms nodes list --etcd http://127.0.0.1:12379 --json\n\n"
+    "  sms nodes list --etcd http://127.0.0.1:12379 --json --removed"
 )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 @nodes_app.command("list", help=_LIST_HELP)
@@ -130,33 +137,53 @@ def nodes_list(
     etcd: Optional[str] = typer.Option(None, "--etcd", envvar="SMS_ETCD", help=_ETCD_HELP),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", "-d", envvar="SMS_DATA_DIR", help=_DATA_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print {PEER_ID: info, ...} as JSON, for scripts."),
+    removed_only: bool = typer.Option(
+        False, "--removed", help='Only the removed peers (with --json: {PEER_ID: {"removed_at": ...}, ...}).'
+    ),
     prefix: str = typer.Option(DEFAULT_PREFIX, "--etcd-prefix", envvar="SMS_ETCD_PREFIX", help=_PREFIX_HELP),
 ) -> None:
-    """Lists nodes/ in etcd (help: _LIST_HELP)."""
-    url, nodes = _run_registry(etcd, data_dir, prefix, lambda r: r.list_nodes())
+    """Lists nodes/ and removed/ in etcd (help: _LIST_HELP)."""
+
+    async def read(registry: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        return await registry.list_nodes(), await registry.list_removed_nodes()
+
+    url, (nodes, removed) = _run_registry(etcd, data_dir, prefix, read)
     if as_json:
-        typer.echo(json.dumps(nodes, indent=2, sort_keys=True))
+        typer.echo(json.dumps(removed if removed_only else nodes, indent=2, sort_keys=True))
         return
-    if not nodes:
-        typer.echo(f"no nodes registered in etcd at {url} (prefix {prefix})")
-        typer.echo("hint: nodes register themselves when they start; is the cluster running, and is this its etcd?")
-        return
-    typer.echo(f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} registered in etcd at {url}:")
-    width = max(len(p) for p in nodes)
-    for peer_id in sorted(nodes, key=lambda p: (str(nodes[p].get("name", "")), p)):
-        typer.echo(f"  {peer_id:<{width}}  {_describe(nodes[peer_id])}")
+    if not removed_only:
+        if not nodes:
+            typer.echo(f"no nodes registered in etcd at {url} (prefix {prefix})")
+            if not removed:
+                typer.echo(
+                    "hint: nodes register themselves when they start; is the cluster running, and is this its etcd?"
+                )
+        else:
+            typer.echo(f"{_plural(len(nodes), 'node')} registered in etcd at {url}:")
+            width = max(len(p) for p in nodes)
+            for peer_id in sorted(nodes, key=lambda p: (str(nodes[p].get("name", "")), p)):
+                typer.echo(f"  {peer_id:<{width}}  {_describe(nodes[peer_id])}")
+    if removed:
+        typer.echo(f"{_plural(len(removed), 'node')} removed by an operator (kept out until `sms nodes admit PEER_ID`):")
+        width = max(len(p) for p in removed)
+        for peer_id in sorted(removed):
+            typer.echo(f"  {peer_id:<{width}}  removed_at={removed[peer_id].get('removed_at', '?')}")
+    elif removed_only:
+        typer.echo(f"no removed nodes in etcd at {url} (prefix {prefix})")
 
 
 # -- sms nodes remove
 
 
 _REMOVE_HELP = (
-    "Remove a node's registration: every node stops admitting that peer at once.\n\n"
-    "Deletes nodes/PEER_ID in etcd and revokes its lease; every node's registry watch sees the "
-    "deletion and drops the peer from the mesh. Meant for dead or unwanted peers: a node that is "
-    "still running with the cluster secret registers itself again within seconds, so stop it "
-    "first, and rotate the cluster secret if it must never come back (docs/operations.md, "
-    "\"Cluster secret and node admission\").\n\n"
+    "Remove a node: every node stops admitting that peer at once, and it stays out.\n\n"
+    "In one etcd transaction, deletes nodes/PEER_ID (and revokes its lease) and writes "
+    "removed/PEER_ID; every node's registry watch sees it and drops the peer from the mesh. A node "
+    "that is still running is refused when it tries to register again, logs the error once, and "
+    "waits; `sms nodes admit PEER_ID` lets it back. A peer that is not registered right now (a "
+    "stopped node) is removed all the same, so it cannot come back. Removal binds only peers that "
+    "play by the rules: rotate the cluster secret to keep out a machine you no longer control "
+    "(docs/operations.md, \"Cluster secret and node admission\").\n\n"
     "Example:\n\n"
     "  sms nodes remove 12D3KooW... --data-dir ./data"
 )
@@ -169,26 +196,72 @@ def nodes_remove(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", "-d", envvar="SMS_DATA_DIR", help=_DATA_DIR_HELP),
     prefix: str = typer.Option(DEFAULT_PREFIX, "--etcd-prefix", envvar="SMS_ETCD_PREFIX", help=_PREFIX_HELP),
 ) -> None:
-    """Deletes nodes/PEER_ID in etcd (help: _REMOVE_HELP)."""
+    """Deletes nodes/PEER_ID and writes removed/PEER_ID in etcd (help: _REMOVE_HELP)."""
 
-    async def remove(registry: Any) -> dict[str, dict[str, Any]]:
-        before = await registry.list_nodes()
-        if peer_id in before:
+    async def remove(registry: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        nodes, removed = await registry.list_nodes(), await registry.list_removed_nodes()
+        if peer_id in nodes or peer_id not in removed:
             await registry.remove_node(peer_id)
-        return before
+        return nodes, removed
 
-    url, before = _run_registry(etcd, data_dir, prefix, remove)
-    if peer_id not in before:
-        similar = [p for p in before if p.startswith(peer_id) or peer_id in p]
-        hint = f"did you mean {similar[0]}?" if len(similar) == 1 else "`sms nodes list` shows the registered peer ids"
-        _fail(f"no node {peer_id} is registered in etcd at {url}; nothing removed", hint)
-    typer.echo(f"removed node {peer_id} ({_describe(before[peer_id])}) from etcd at {url}")
-    typer.echo("every node drops it from its registry cache now and stops admitting it to the mesh")
+    url, (nodes, removed) = _run_registry(etcd, data_dir, prefix, remove)
+    if peer_id not in nodes and peer_id in removed:
+        typer.echo(
+            f"node {peer_id} was already removed (removed_at={removed[peer_id].get('removed_at', '?')}) "
+            f"in etcd at {url}; nothing changed"
+        )
+        return
+    if peer_id in nodes:
+        typer.echo(f"removed node {peer_id} ({_describe(nodes[peer_id])}) from etcd at {url}")
+        typer.echo("every node drops it from its registry cache now and stops admitting it to the mesh")
+    else:
+        typer.echo(f"removed node {peer_id} in etcd at {url}: it is not registered now, and cannot register until admitted")
+        similar = [p for p in nodes if p.startswith(peer_id) or peer_id in p]
+        if len(similar) == 1:
+            check = f"did you mean {similar[0]}? (undo with `sms nodes admit {peer_id}`)"
+        else:
+            check = "check the id against `sms nodes list`"
+        typer.secho(f"warning: no node {peer_id} is registered; {check}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
-        "hint: if that peer is still running with the cluster secret it registers itself again "
-        "within seconds; stop it, and rotate the cluster secret to keep it out for good "
+        f"hint: it stays out until `sms nodes admit {peer_id}`. That binds only a node that plays by the "
+        "rules: to keep out a machine you no longer control, also rotate the cluster secret "
         "(docs/operations.md, \"Cluster secret and node admission\")"
     )
+
+
+# -- sms nodes admit
+
+
+_ADMIT_HELP = (
+    "Let a removed node back: deletes removed/PEER_ID in etcd.\n\n"
+    "A node that is still running registers itself again within about 10 s (no restart needed); "
+    "every node then admits it as before.\n\n"
+    "Example:\n\n"
+    "  sms nodes admit 12D3KooW... --data-dir ./data"
+)
+
+
+@nodes_app.command("admit", help=_ADMIT_HELP)
+def nodes_admit(
+    peer_id: str = typer.Argument(..., metavar="PEER_ID", help="The removed peer id, as `sms nodes list` shows it."),
+    etcd: Optional[str] = typer.Option(None, "--etcd", envvar="SMS_ETCD", help=_ETCD_HELP),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", "-d", envvar="SMS_DATA_DIR", help=_DATA_DIR_HELP),
+    prefix: str = typer.Option(DEFAULT_PREFIX, "--etcd-prefix", envvar="SMS_ETCD_PREFIX", help=_PREFIX_HELP),
+) -> None:
+    """Deletes removed/PEER_ID in etcd (help: _ADMIT_HELP)."""
+
+    async def admit(registry: Any) -> tuple[bool, dict[str, dict[str, Any]]]:
+        if await registry.admit_node(peer_id):
+            return True, {}
+        return False, await registry.list_removed_nodes()
+
+    url, (admitted, removed) = _run_registry(etcd, data_dir, prefix, admit)
+    if not admitted:
+        similar = [p for p in removed if p.startswith(peer_id) or peer_id in p]
+        hint = f"did you mean {similar[0]}?" if len(similar) == 1 else "`sms nodes list --removed` shows the removed peer ids"
+        _fail(f"node {peer_id} is not removed in etcd at {url}; nothing to admit", hint)
+    typer.echo(f"admitted node {peer_id} in etcd at {url}: it may register again")
+    typer.echo("if it is running, it registers itself within about 10 s and every node admits it again")
 
 
 # -- sms bootstrap

@@ -22,16 +22,19 @@ class RegistrySnapshot:
     members: dict[str, dict[str, Role]] = field(default_factory=dict)  # room_id -> user_id -> role
     sessions: dict[str, str] = field(default_factory=dict)        # token hash -> user_id
     nodes: dict[str, dict] = field(default_factory=dict)          # peer_id -> node info (live leases)
+    removed_nodes: dict[str, dict] = field(default_factory=dict)  # peer_id -> {"removed_at": ...} (denylist)
 
 
 @dataclass(frozen=True, slots=True)
 class RegistryChange:
-    """One change seen by the watch. kind: user | room | member | session | node; deleted: the key
-    went away (removed, or its lease expired or was revoked).
+    """One change seen by the watch. kind: user | room | member | session | node | removed_node;
+    deleted: the key went away (removed, or its lease expired or was revoked).
 
     key and value by kind: user (user_id,) -> User; room (room_id,) -> Room; member
     (room_id, user_id) -> Role; session (token_hash,) -> user_id; node (peer_id,) -> info dict
-    (what register_node published; a node registering again is a new put with its new info).
+    (what register_node published; a node registering again is a new put with its new info);
+    removed_node (peer_id,) -> {"removed_at": ...} (the operator's denylist: put by remove_node in
+    the same transaction that deletes the node's record, deleted by admit_node).
 
     kind "progress" (key (), value None) says only "nothing else changed up to `revision`": the
     watch sends it for changes a cache does not hold and when etcd reports progress, so a cache's
@@ -100,13 +103,24 @@ class Registry(Protocol):
 
     async def register_node(self, peer_id: str, info: dict[str, object], ttl_s: int) -> NodeLease:
         """Publishes a node (info: JSON-able, e.g. multiaddrs, http url) under a lease of `ttl_s`
-        seconds; it disappears unless kept alive. Registering again replaces the old record."""
+        seconds; it disappears unless kept alive. Registering again replaces the old record.
+        Raises Forbidden while an operator's removal of the peer stands (until admit_node); the
+        check and the write are one transaction."""
 
     async def list_nodes(self) -> dict[str, dict[str, object]]:
         """peer_id -> info of every node whose lease is alive."""
 
     async def remove_node(self, peer_id: str) -> None:
-        """Removes a node's record now (and revokes its lease). No error if it is not there."""
+        """Removes a node's record now (and revokes its lease) and denylists the peer, in one
+        transaction: register_node refuses it until admit_node. No error if it is not registered
+        (it is denylisted anyway); removing it again only renews removed_at."""
+
+    async def admit_node(self, peer_id: str) -> bool:
+        """Lifts an operator's removal: the peer may register again (a running node does so by
+        itself within serve_node_registration's check interval). Returns whether it was removed."""
+
+    async def list_removed_nodes(self) -> dict[str, dict[str, object]]:
+        """peer_id -> {"removed_at": ISO 8601 UTC} of every peer an operator removed (the denylist)."""
 
     async def revision(self) -> int:
         """The registry's current revision (a linearizable read). Raises Unavailable."""

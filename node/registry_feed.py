@@ -3,7 +3,8 @@
 serve_registry_cache: fills a RegistryCache from a snapshot, then keeps it current from the watch;
     relists whenever the watch breaks, is compacted away, or goes quiet while the registry moves.
 serve_node_registration: keeps this node's record alive under its lease; registers again after
-    the lease was lost (etcd down longer than the TTL, or an operator removed the record).
+    the lease was lost (etcd down longer than the TTL), but not after an operator removed the node:
+    then it only checks, slowly, for `sms nodes admit`.
 
 Both take `task_status` and call `task_status.started()` once they are useful, and both ride out
 `Unavailable` with capped exponential backoff: an etcd outage makes them wait, never crash.
@@ -21,7 +22,7 @@ from typing import Callable
 import trio
 
 from .core.registry_cache import RegistryCache
-from .errors import NotFound, Unavailable
+from .errors import Forbidden, NotFound, Unavailable
 from .ports import NodeLease, Registry, RegistryChange
 
 log = logging.getLogger("sms.registry")
@@ -141,6 +142,7 @@ async def serve_node_registration(
     ttl_s: int = 10,
     backoff_first_s: float = 0.2,
     backoff_max_s: float = 5.0,
+    removed_check_s: float = 10.0,
     task_status: trio.TaskStatus[NodeLease] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Registers this node and keeps its lease alive (refreshing every ttl/3) until cancelled;
@@ -149,15 +151,24 @@ async def serve_node_registration(
     Reports started (with the lease) after the first successful registration. A lost lease
     (NotFound from keepalive) is replaced by a fresh registration; Unavailable is retried with
     backoff. The record may be missing while etcd is unreachable for longer than the TTL.
+
+    Removed by an operator (register_node raises Forbidden): it logs one error and stops
+    registering, trying again only every `removed_check_s`, so `sms nodes admit` lets the node
+    back without a restart. A node that is already removed when this starts does not start:
+    the Forbidden is raised (it says how to admit the node).
     """
     backoff = _Backoff(backoff_first_s, backoff_max_s)
     lease: NodeLease | None = None
     started = False
+    removed = False
     try:
         while True:
             try:
                 if lease is None:
                     lease = await registry.register_node(peer_id, info, ttl_s)
+                    if removed:
+                        removed = False
+                        log.warning("node %s was admitted again by an operator; registered", peer_id)
                     if not started:
                         started = True
                         task_status.started(lease)
@@ -168,6 +179,18 @@ async def serve_node_registration(
             except NotFound:
                 log.warning("node lease of %s lost; registering again", peer_id)
                 lease = None
+            except Forbidden as exc:
+                if not started:
+                    raise
+                lease = None
+                if not removed:
+                    removed = True
+                    log.error(
+                        "%s. This node is cut off from the mesh and does not register again; it checks "
+                        "every %g s whether it was admitted", exc.message, removed_check_s,
+                    )
+                backoff.reset()
+                await trio.sleep(removed_check_s)
             except Unavailable as exc:
                 log.warning("node keepalive for %s failed, retrying: %s", peer_id, exc)
                 await backoff.sleep()

@@ -22,12 +22,18 @@ layout (also in docs/etcd.md), under `prefix` (default "/sms/"):
     members/<room_id>/<user_id> "admin" | "member"
     admins/<room_id>            number of admins, as text        the admin-set guard
     nodes/<peer_id>             node info JSON                   on the node's lease
+    removed/<peer_id>           {"removed_at"}                   JSON; the operator's denylist
 
 The admin-set guard: every transaction that changes who is an admin of a room rewrites
 `admins/<room_id>` and compares its mod_revision with the one it read. Two concurrent demotions of
 the last two admins therefore cannot both commit: the second one's compare fails, it re-reads,
 sees a single admin left and raises Conflict. One key, so the compare list stays O(1) however
 many admins a room has (etcd caps a transaction at 128 operations).
+
+The node denylist: remove_node deletes `nodes/<peer_id>` and writes `removed/<peer_id>` in one
+transaction, and register_node's transaction compares that `removed/<peer_id>` does not exist, so
+a removed node that is still running cannot register again (Forbidden) until admit_node deletes
+the key. Both keys reach every cache through the watch (kinds node and removed_node).
 
 Only hashes of session tokens are ever stored; the raw token never reaches this module.
 
@@ -46,6 +52,7 @@ import logging
 import queue
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
@@ -126,8 +133,8 @@ def _put(key: bytes, value: bytes | str, *, lease: int = 0, prev_kv: bool = Fals
     )
 
 
-def _delete(key: bytes, *, prefix: bool = False) -> etcdrpc.RequestOp:
-    req = etcdrpc.DeleteRangeRequest(key=key)
+def _delete(key: bytes, *, prefix: bool = False, prev_kv: bool = False) -> etcdrpc.RequestOp:
+    req = etcdrpc.DeleteRangeRequest(key=key, prev_kv=prev_kv)
     if prefix:
         req.range_end = _range_end(key)
     return etcdrpc.RequestOp(request_delete_range=req)
@@ -191,6 +198,12 @@ class _Keys:
     def nodes(self) -> bytes:
         return self._k("nodes", "")
 
+    def removed(self, peer_id: str) -> bytes:
+        return self._k("removed", peer_id)
+
+    def removed_all(self) -> bytes:
+        return self._k("removed", "")
+
     def parse(self, key: bytes) -> tuple[str, tuple[str, ...]] | None:
         """(kind, key parts) for a key the cache holds; None for the others (name indexes, admin
         guards) and for foreign keys."""
@@ -210,6 +223,8 @@ class _Keys:
                 return "member", (room_id, user_id)
         if rest.startswith("nodes/") and len(rest) > len("nodes/"):
             return "node", (rest[len("nodes/"):],)
+        if rest.startswith("removed/") and len(rest) > len("removed/"):
+            return "removed_node", (rest[len("removed/"):],)
         return None
 
 
@@ -227,21 +242,31 @@ def _decode(kind: str, parts: tuple[str, ...], value: bytes) -> object:
         return value.decode()
     if kind == "node":
         return _decode_node(parts[0], value)
+    if kind == "removed_node":
+        return _decode_node(parts[0], value, what="removal record")
     raise AssertionError(kind)
 
 
-def _decode_node(peer_id: str, value: bytes) -> dict[str, object]:
-    """A node's info. The key's presence is what admits the node; its value only describes it, so
-    a record someone wrote by hand that is not a JSON object is kept as {} (with a warning)
-    rather than taking down every node's registry feed."""
+def _decode_node(peer_id: str, value: bytes, *, what: str = "node record") -> dict[str, object]:
+    """A node's info (or its removal record). The key's presence is what admits (or denylists)
+    the node; its value only describes it, so a record someone wrote by hand that is not a JSON
+    object is kept as {} (with a warning) rather than taking down every node's registry feed."""
     try:
         info = json.loads(value)
     except ValueError:
         info = None
     if not isinstance(info, dict):
-        log.warning("etcd holds a node record for %s that is not a JSON object; treating it as {}", peer_id)
+        log.warning("etcd holds a %s for %s that is not a JSON object; treating it as {}", what, peer_id)
         return {}
     return info
+
+
+def _removal_record() -> str:
+    return json.dumps({"removed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _removed_error(peer_id: str) -> Forbidden:
+    return Forbidden(f"node {peer_id} was removed by an operator; `sms nodes admit {peer_id}` lets it back")
 
 
 def _role_of(kvs: Sequence[Any]) -> Role | None:
@@ -791,30 +816,54 @@ class EtcdRegistry:
             payload = json.dumps(info)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"node info must be JSON: {exc}") from None
+        k = self._keys
         lease_id = await self._grant(ttl_s)
-        resp = await self._txn([], [_put(self._keys.node(peer_id), payload, lease=lease_id, prev_kv=True)])
+        try:
+            resp = await self._txn(
+                [_created(k.removed(peer_id), 0)],  # not denylisted by an operator
+                [_put(k.node(peer_id), payload, lease=lease_id, prev_kv=True)],
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._revoke_quietly(lease_id)
+            raise
+        if not resp.succeeded:
+            await self._revoke_quietly(lease_id)
+            raise _removed_error(peer_id)
         prev = resp.responses[0].response_put.prev_kv
         if prev.lease and prev.lease != lease_id:
             await self._revoke_quietly(prev.lease)  # our previous registration
         return EtcdNodeLease(self, peer_id, lease_id, ttl_s)
 
     async def list_nodes(self) -> dict[str, dict[str, object]]:
-        prefix = self._keys.nodes()
+        return await self._list_records(self._keys.nodes(), "node record")
+
+    async def list_removed_nodes(self) -> dict[str, dict[str, object]]:
+        return await self._list_records(self._keys.removed_all(), "removal record")
+
+    async def _list_records(self, prefix: bytes, what: str) -> dict[str, dict[str, object]]:
         _, (kvs,) = await self._read(_get(prefix, prefix=True))
         out = {}
         for kv in kvs:
             peer_id = kv.key[len(prefix):].decode()
-            out[peer_id] = _decode_node(peer_id, kv.value)
+            out[peer_id] = _decode_node(peer_id, kv.value, what=what)
         return out
 
     async def remove_node(self, peer_id: str) -> None:
-        key = self._keys.node(peer_id)
-        _, (kvs,) = await self._read(_get(key))
-        if not kvs:
-            return
-        await self._txn([], [_delete(key)])
-        if kvs[0].lease:
-            await self._revoke_quietly(kvs[0].lease)
+        """Deletes nodes/<peer_id> and writes removed/<peer_id> in one transaction, then revokes
+        the lease the deleted record was on (whichever registration was there when it committed,
+        so a registration racing with the removal cannot keep a lease alive without a record)."""
+        k = self._keys
+        resp = await self._txn(
+            [], [_delete(k.node(peer_id), prev_kv=True), _put(k.removed(peer_id), _removal_record())]
+        )
+        for kv in resp.responses[0].response_delete_range.prev_kvs:
+            if kv.lease:
+                await self._revoke_quietly(kv.lease)
+
+    async def admit_node(self, peer_id: str) -> bool:
+        resp = await self._txn([], [_delete(self._keys.removed(peer_id))])
+        return resp.responses[0].response_delete_range.deleted > 0
 
     # -- snapshot, watch, health
 
@@ -846,6 +895,7 @@ class EtcdRegistry:
         revision = 0
         snap = RegistrySnapshot(revision=0)
         users, rooms, members, sessions, nodes = snap.users, snap.rooms, snap.members, snap.sessions, snap.nodes
+        removed = snap.removed_nodes
         while True:
             req = etcdrpc.RangeRequest(key=start, range_end=end, limit=SNAPSHOT_PAGE, revision=revision)
             resp = await self._range(req)
@@ -867,11 +917,14 @@ class EtcdRegistry:
                     sessions[parts[0]] = value  # type: ignore[assignment]
                 elif kind == "node":
                     nodes[parts[0]] = value  # type: ignore[assignment]
+                elif kind == "removed_node":
+                    removed[parts[0]] = value  # type: ignore[assignment]
             if not resp.more or not resp.kvs:
                 break
             start = resp.kvs[-1].key + b"\0"
         return RegistrySnapshot(
-            revision=revision, users=users, rooms=rooms, members=members, sessions=sessions, nodes=nodes
+            revision=revision, users=users, rooms=rooms, members=members, sessions=sessions, nodes=nodes,
+            removed_nodes=removed,
         )
 
     async def watch(self, from_revision: int) -> AsyncIterator[RegistryChange]:

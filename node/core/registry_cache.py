@@ -1,5 +1,5 @@
-"""Each node's copy of the registry (accounts, sessions, rooms, membership, admitted nodes), fed by
-the etcd watch.
+"""Each node's copy of the registry (accounts, sessions, rooms, membership, admitted and removed
+nodes), fed by the etcd watch.
 
 Theory of operation
 -------------------
@@ -28,13 +28,17 @@ Changes by kind:
     member    (room_id, user_id)     Role            membership gone
     session   (token_hash,)          user_id         logged out / expired
     node      (peer_id,)             info dict       removed by an operator / lease expired or revoked
+    removed_node (peer_id,)          {"removed_at"}  admitted again by an operator (`sms nodes admit`)
     progress  ()                     None            nothing but the revision moves
     other     -                      -               revision moves, nothing else (forward compat)
 
 Admission. A peer is one of ours exactly while its `nodes/<peer_id>` key exists, i.e. while its
-lease is alive: `admitted(peer_id)`. An operator's `sms nodes remove` deletes the key, and every
-node's cache drops the peer with that one change (a live node re-registers within TTL/3; removal
-is meant for dead or unwanted ones, whose cluster secret must then be rotated to keep them out).
+lease is alive, and it is not on the operator's denylist (`removed/<peer_id>`): `admitted(peer_id)`.
+An operator's `sms nodes remove` deletes the node key and writes the denylist key in one
+transaction, and every node's cache drops the peer with that one revision. The registry refuses
+a denylisted peer's registration, so a node that is still running stays out until `sms nodes
+admit` deletes the denylist key (the denylist check here only guards against a record written
+around the registry).
 
 Sessions per user. `has_session(user_id)` answers "does this user have a live session anywhere"
 from a reverse index user -> number of sessions, kept in step on every session put and delete (a
@@ -69,6 +73,7 @@ class RegistryCache:
         self._sessions: dict[str, str] = {}              # token hash -> user_id
         self._session_count: dict[str, int] = {}         # user_id -> live sessions (> 0 only)
         self._nodes: dict[str, dict] = {}                # peer_id -> node info
+        self._removed: dict[str, dict] = {}              # peer_id -> removal record (denylist)
 
     # -- feeding
 
@@ -85,6 +90,7 @@ class RegistryCache:
         for token_hash, user_id in snapshot.sessions.items():
             self._put_session(token_hash, user_id)
         self._nodes = copy.deepcopy(snapshot.nodes)
+        self._removed = copy.deepcopy(snapshot.removed_nodes)
         self._revision = self._loaded_at = snapshot.revision
         self._loaded = True
 
@@ -129,6 +135,13 @@ class RegistryCache:
             else:
                 assert isinstance(value, dict), value
                 self._nodes[peer_id] = copy.deepcopy(value)
+        elif kind == "removed_node":
+            (peer_id,) = key
+            if change.deleted:
+                self._removed.pop(peer_id, None)
+            else:
+                assert isinstance(value, dict), value
+                self._removed[peer_id] = copy.deepcopy(value)
         # "progress" and kinds we do not know only move the revision.
         return True
 
@@ -159,12 +172,17 @@ class RegistryCache:
 
     def admitted(self, peer_id: str) -> bool:
         """Whether `peer_id` is one of the cluster's nodes: its registration (on a live lease) is
-        in the registry. O(1); safe to call from a connection gate or a validator."""
-        return peer_id in self._nodes
+        in the registry and no operator removed it. O(1); safe to call from a connection gate or a
+        validator."""
+        return peer_id in self._nodes and peer_id not in self._removed
 
     def nodes(self) -> dict[str, dict]:
         """peer_id -> node info of every admitted node (a deep copy)."""
-        return copy.deepcopy(self._nodes)
+        return {p: copy.deepcopy(info) for p, info in self._nodes.items() if p not in self._removed}
+
+    def removed_nodes(self) -> dict[str, dict]:
+        """peer_id -> removal record of every peer an operator removed (a deep copy)."""
+        return copy.deepcopy(self._removed)
 
     def room(self, room_id: str) -> Room | None:
         return self._rooms.get(room_id)
@@ -214,6 +232,7 @@ class RegistryCache:
             members=members,
             sessions=dict(self._sessions),
             nodes=copy.deepcopy(self._nodes),
+            removed_nodes=copy.deepcopy(self._removed),
         )
 
     # -- internals

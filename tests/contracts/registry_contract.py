@@ -289,6 +289,98 @@ class RegistryContract:
         assert snap.nodes == {} and snap.sessions == {}
         assert await registry.list_nodes() == {}
 
+    async def test_a_removed_node_stays_out_until_admitted(self, registry: Registry) -> None:
+        lease = await registry.register_node("peer-a", {"http": "a"}, 30)
+        await registry.register_node("peer-b", {"http": "b"}, 30)
+        assert await registry.list_removed_nodes() == {}
+        await registry.remove_node("peer-a")
+        assert await registry.list_nodes() == {"peer-b": {"http": "b"}}
+        removed = await registry.list_removed_nodes()
+        assert set(removed) == {"peer-a"} and isinstance(removed["peer-a"]["removed_at"], str)
+        with pytest.raises(NotFound):
+            await lease.keepalive()  # its lease was revoked with the record
+        with pytest.raises(Forbidden, match=r"node peer-a was removed by an operator; `sms nodes admit peer-a`"):
+            await registry.register_node("peer-a", {"http": "a"}, 30)
+        assert set(await registry.list_nodes()) == {"peer-b"}  # the refusal wrote nothing
+        snap = await registry.snapshot()
+        assert snap.nodes == {"peer-b": {"http": "b"}} and snap.removed_nodes == removed
+        # A peer that is not registered (a stopped node) can be removed too, and cannot come back.
+        await registry.remove_node("peer-c")
+        with pytest.raises(Forbidden):
+            await registry.register_node("peer-c", {}, 30)
+        await registry.remove_node("peer-c")  # again: no error
+        assert set(await registry.list_removed_nodes()) == {"peer-a", "peer-c"}
+        # Admitting lifts it; admitting what is not removed is a no-op.
+        assert await registry.admit_node("peer-a") is True
+        assert await registry.admit_node("peer-a") is False
+        assert await registry.admit_node("peer-b") is False
+        again = await registry.register_node("peer-a", {"http": "a2"}, 30)
+        await again.keepalive()
+        assert await registry.list_nodes() == {"peer-a": {"http": "a2"}, "peer-b": {"http": "b"}}
+        assert set(await registry.list_removed_nodes()) == {"peer-c"}
+        assert set((await registry.snapshot()).removed_nodes) == {"peer-c"}
+
+    async def test_node_removal_and_admission_in_the_watch(self, registry: Registry) -> None:
+        start = await registry.revision()
+        await registry.register_node("peer-a", {"v": 1}, 30)
+        await registry.remove_node("peer-a")
+        with pytest.raises(Forbidden):
+            await registry.register_node("peer-a", {"v": 2}, 30)
+        await registry.admit_node("peer-a")
+        await registry.register_node("peer-a", {"v": 3}, 30)
+        changes = await changes_until_current(registry, start)
+        seen = [
+            (c.kind, c.key, c.value if c.kind == "node" else None, c.deleted)
+            for c in changes
+            if c.kind in ("node", "removed_node")
+        ]
+        assert seen == [
+            ("node", ("peer-a",), {"v": 1}, False),
+            ("node", ("peer-a",), None, True),  # removed ...
+            ("removed_node", ("peer-a",), None, False),  # ... and denylisted, in one transaction
+            ("removed_node", ("peer-a",), None, True),  # admitted
+            ("node", ("peer-a",), {"v": 3}, False),  # registered again
+        ]
+        removal = [c for c in changes if c.kind in ("node", "removed_node")][1:3]
+        assert removal[0].revision == removal[1].revision
+        assert isinstance(removal[1].value, dict) and isinstance(removal[1].value["removed_at"], str)
+
+    async def test_the_cache_does_not_admit_a_removed_node(self, registry: Registry) -> None:
+        await registry.register_node("peer-a", {}, 30)
+        await registry.register_node("peer-b", {}, 30)
+        await registry.remove_node("peer-b")
+        first = await registry.snapshot()
+        cache = RegistryCache()
+        cache.load(first)
+        assert cache.admitted("peer-a") and not cache.admitted("peer-b")
+        assert set(cache.removed_nodes()) == {"peer-b"} and set(cache.nodes()) == {"peer-a"}
+        await registry.remove_node("peer-a")
+        await registry.admit_node("peer-b")
+        await registry.register_node("peer-b", {"back": True}, 30)
+        for change in await changes_until_current(registry, first.revision):
+            cache.apply(change)
+        assert not cache.admitted("peer-a") and cache.admitted("peer-b")
+        assert cache.nodes() == {"peer-b": {"back": True}} and set(cache.removed_nodes()) == {"peer-a"}
+        expected = await registry.snapshot()
+        assert (cache.snapshot().nodes, cache.snapshot().removed_nodes) == (expected.nodes, expected.removed_nodes)
+
+    async def test_registrations_racing_a_removal_never_win(self, registry: Registry) -> None:
+        """Whatever order the transactions commit in, the removed peer ends up without a record:
+        a registration before the removal is deleted by it, one after it is refused."""
+        for round_ in range(3):
+            peer = f"peer-race-{round_}"
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda peer=peer, round_=round_: registry.register_node(peer, {"round": round_}, 30)  # type: ignore[misc]
+                for _ in range(10)
+            ]
+            calls.insert(5, lambda peer=peer: registry.remove_node(peer))  # type: ignore[misc]
+            results = await _outcomes(*calls)
+            assert all(not isinstance(r, SmsError) or isinstance(r, Forbidden) for r in results), results
+            assert peer not in await registry.list_nodes()
+            assert peer in await registry.list_removed_nodes()
+            with pytest.raises(Forbidden):
+                await registry.register_node(peer, {}, 30)
+
     async def test_node_info_must_be_json(self, registry: Registry) -> None:
         with pytest.raises(BadRequest):
             await registry.register_node("peer-a", {"x": object()}, 30)
@@ -352,20 +444,25 @@ class RegistryContract:
         await registry.register_node("peer-a", {"http": "a2"}, 30)  # re-registers with new info
         await gone.revoke()
         await registry.remove_node("peer-c")
+        await registry.remove_node("peer-d")  # never registered: denylisted all the same
+        await registry.admit_node("peer-d")
+        await registry.remove_node("peer-e")
         await registry.create_user("dave", "h")
         changes = await changes_until_current(registry, first.revision)
         for change in changes:
             cache.apply(change)
         expected = await registry.snapshot()
         got = cache.snapshot()
-        assert (got.users, got.rooms, got.members, got.sessions, got.nodes) == (
+        assert (got.users, got.rooms, got.members, got.sessions, got.nodes, got.removed_nodes) == (
             expected.users,
             expected.rooms,
             expected.members,
             expected.sessions,
             expected.nodes,
+            expected.removed_nodes,
         )
         assert expected.nodes == {"peer-a": {"http": "a2"}}
+        assert set(expected.removed_nodes) == {"peer-c", "peer-e"}
         assert cache.rooms_of(alice.user_id) == [(r1, "member")]
         assert cache.role(r1.room_id, carol.user_id) == "admin"
         assert cache.admitted("peer-a") and not cache.admitted("peer-b") and not cache.admitted("peer-c")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -75,6 +76,7 @@ class FakeRegistry:
         self._room_by_name: dict[str, str] = {}
         self._members: dict[str, dict[str, Role]] = {}
         self._nodes: dict[str, tuple[dict[str, object], _Lease]] = {}
+        self._removed: dict[str, dict[str, object]] = {}  # the operator's denylist
         self._log: list[RegistryChange] = []
         self._log_revisions: list[int] = []
         self._compacted = 0
@@ -287,6 +289,8 @@ class FakeRegistry:
             info = json.loads(json.dumps(info))
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"node info must be JSON: {exc}") from None
+        if peer_id in self._removed:
+            raise Forbidden(f"node {peer_id} was removed by an operator; `sms nodes admit {peer_id}` lets it back")
         lease = _Lease(trio.current_time() + ttl_s, ttl_s)
         old = self._nodes.get(peer_id)
         if old is not None:
@@ -301,10 +305,26 @@ class FakeRegistry:
 
     async def remove_node(self, peer_id: str) -> None:
         self._check()
+        changes: list[tuple[str, tuple[str, ...], object, bool]] = []
         node = self._nodes.pop(peer_id, None)
         if node is not None:
             node[1].alive = False
-            self._commit([("node", (peer_id,), None, True)])
+            changes.append(("node", (peer_id,), None, True))
+        record = {"removed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._removed[peer_id] = record
+        changes.append(("removed_node", (peer_id,), dict(record), False))
+        self._commit(changes)  # one transaction, as in etcd
+
+    async def admit_node(self, peer_id: str) -> bool:
+        self._check()
+        if self._removed.pop(peer_id, None) is None:
+            return False  # etcd: a transaction that changes nothing takes no revision
+        self._commit([("removed_node", (peer_id,), None, True)])
+        return True
+
+    async def list_removed_nodes(self) -> dict[str, dict[str, object]]:
+        self._check()
+        return json.loads(json.dumps(self._removed))
 
     async def revision(self) -> int:
         self._check()
@@ -322,6 +342,7 @@ class FakeRegistry:
             members={rid: dict(ms) for rid, ms in self._members.items() if ms},
             sessions={th: uid for th, (uid, lease) in self._sessions.items() if lease.live()},
             nodes={p: json.loads(json.dumps(info)) for p, (info, lease) in self._nodes.items() if lease.live()},
+            removed_nodes=json.loads(json.dumps(self._removed)),
         )
 
     async def watch(self, from_revision: int) -> AsyncIterator[RegistryChange]:

@@ -128,6 +128,23 @@ async def test_key_layout(registry: EtcdRegistry, etcd_url: str, etcd_prefix: st
     }
 
 
+async def test_removal_keys(registry: EtcdRegistry, etcd_url: str, etcd_prefix: str) -> None:
+    """`remove_node` writes removed/<peer_id> ({"removed_at"}) where nodes/<peer_id> was; admit deletes it."""
+    await registry.register_node("peer-a", {"http": "x"}, 30)
+    await registry.remove_node("peer-a")
+
+    def raw() -> dict[str, bytes]:
+        return {
+            meta.key.decode()[len(etcd_prefix):]: value
+            for value, meta in raw_client(etcd_url).get_prefix(etcd_prefix)
+        }
+
+    assert set(raw()) == {"removed/peer-a"}
+    assert set(json.loads(raw()["removed/peer-a"])) == {"removed_at"}
+    await registry.admit_node("peer-a")
+    assert raw() == {}
+
+
 async def test_sessions_and_nodes_expire_with_their_lease(registry: EtcdRegistry) -> None:
     alice = await registry.create_user("alice", "h")
     start = await registry.revision()
@@ -253,16 +270,21 @@ async def test_serve_registry_cache_follows_changes(registry: EtcdRegistry) -> N
 async def test_node_registration_service(registry: EtcdRegistry) -> None:
     async with trio.open_nursery() as nursery:
         lease = await nursery.start(
-            lambda task_status: serve_node_registration(registry, "peer-x", {"v": 1}, ttl_s=2, task_status=task_status)
+            lambda task_status: serve_node_registration(
+                registry, "peer-x", {"v": 1}, ttl_s=2, removed_check_s=0.5, task_status=task_status
+            )
         )
         assert lease.peer_id == "peer-x"
         assert await registry.list_nodes() == {"peer-x": {"v": 1}}
-        await registry.remove_node("peer-x")  # an operator removes it; the live node comes back
+        await registry.remove_node("peer-x")  # an operator removes it: the live node stays out
+        await trio.sleep(4)  # two TTLs, eight checks
+        assert await registry.list_nodes() == {}
+        assert await registry.admit_node("peer-x")  # and admitting lets it back, no restart
 
         async def back() -> bool:
             return "peer-x" in await registry.list_nodes()
 
-        await wait_for(back, "re-registration")
+        await wait_for(back, "re-registration after admit")
         nursery.cancel_scope.cancel()
     assert await registry.list_nodes() == {}  # revoked on the way out
 

@@ -1,5 +1,5 @@
-"""Operator commands against a real embedded etcd and real processes: `sms nodes list|remove` and
-`sms bootstrap`. Everything listens on 127.0.0.1; every process started here is stopped by its PID.
+"""Operator commands against a real embedded etcd and real processes: `sms nodes list|remove|admit`
+and `sms bootstrap`. Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 
 Commands that return run in-process through typer's CliRunner (sync tests: the command calls
 trio.run itself); the long-running bootstrap peer runs as a subprocess, as an operator runs it.
@@ -31,7 +31,7 @@ from sms.cli.ops import read_cluster_secret
 from sms.node.adapters.etcd import EtcdRegistry
 from sms.node.core.registry_cache import RegistryCache
 from sms.node.errors import BadRequest
-from sms.node.registry_feed import serve_registry_cache
+from sms.node.registry_feed import serve_node_registration, serve_registry_cache
 
 WAIT_S = 30
 MULTIADDR = re.compile(r"(/ip4/127\.0\.0\.1/tcp/(\d+)/p2p/(\w+))")
@@ -62,11 +62,11 @@ def register(etcd_url: str, prefix: str, nodes: dict[str, dict]) -> None:
     trio.run(go)
 
 
-def list_nodes(etcd_url: str, prefix: str) -> dict[str, dict]:
+def list_nodes(etcd_url: str, prefix: str, *, removed: bool = False) -> dict[str, dict]:
     async def go() -> dict[str, dict]:
         registry = await EtcdRegistry.connect(etcd_url, prefix=prefix)
         try:
-            return await registry.list_nodes()
+            return await (registry.list_removed_nodes() if removed else registry.list_nodes())
         finally:
             await registry.close()
 
@@ -104,19 +104,42 @@ def test_nodes_list_and_remove_round_trip(runner: CliRunner, etcd_url: str, etcd
 
     removed = runner.invoke(app, ["nodes", "remove", a, *common])
     assert removed.exit_code == 0, removed.output
-    assert f"removed node {a}" in removed.output and "hint:" in removed.output
+    assert f"removed node {a}" in removed.output and f"sms nodes admit {a}" in removed.output
     assert set(list_nodes(etcd_url, etcd_prefix)) == {b}
+    assert set(list_nodes(etcd_url, etcd_prefix, removed=True)) == {a}
     assert set(json.loads(runner.invoke(app, ["nodes", "list", "--json", *common]).output)) == {b}
+    denylist = json.loads(runner.invoke(app, ["nodes", "list", "--json", "--removed", *common]).output)
+    assert set(denylist) == {a} and set(denylist[a]) == {"removed_at"}
+    text = runner.invoke(app, ["nodes", "list", *common])
+    assert "1 node registered" in text.output and "1 node removed by an operator" in text.output
+    assert re.search(rf"{a}\s+removed_at=\d{{4}}-\d\d-\d\dT", text.output), text.output
 
     again = runner.invoke(app, ["nodes", "remove", a, *common])
-    assert again.exit_code == 1 and "nothing removed" in again.output
+    assert again.exit_code == 0 and "already removed" in again.output and "nothing changed" in again.output
+    # A peer that is not registered (a stopped node, or a typo) is removed all the same, with a warning.
     typo = runner.invoke(app, ["nodes", "remove", "12D3KooWBBBB", *common])
-    assert typo.exit_code == 1 and f"did you mean {b}?" in typo.output
+    assert typo.exit_code == 0 and f"did you mean {b}?" in typo.output and "sms nodes admit 12D3KooWBBBB" in typo.output
     assert set(list_nodes(etcd_url, etcd_prefix)) == {b}
+    assert set(list_nodes(etcd_url, etcd_prefix, removed=True)) == {a, "12D3KooWBBBB"}
+
+    admitted = runner.invoke(app, ["nodes", "admit", "12D3KooWBBBB", *common])
+    assert admitted.exit_code == 0 and "admitted node 12D3KooWBBBB" in admitted.output
+    not_removed = runner.invoke(app, ["nodes", "admit", b, *common])
+    assert not_removed.exit_code == 1 and "nothing to admit" in not_removed.output
+    typo = runner.invoke(app, ["nodes", "admit", a[:10], *common])
+    assert typo.exit_code == 1 and f"did you mean {a}?" in typo.output
+    assert set(list_nodes(etcd_url, etcd_prefix, removed=True)) == {a}
 
     runner.invoke(app, ["nodes", "remove", b, *common])
     empty = runner.invoke(app, ["nodes", "list", *common])
+    assert empty.exit_code == 0 and "no nodes registered" in empty.output and "2 nodes removed" in empty.output
+    assert runner.invoke(app, ["nodes", "admit", a, *common]).exit_code == 0
+    assert runner.invoke(app, ["nodes", "admit", b, *common]).exit_code == 0
+    empty = runner.invoke(app, ["nodes", "list", *common])
     assert empty.exit_code == 0 and "no nodes registered" in empty.output and "hint:" in empty.output
+    assert "removed" not in empty.output
+    none_removed = runner.invoke(app, ["nodes", "list", "--removed", *common])
+    assert none_removed.exit_code == 0 and "no removed nodes" in none_removed.output
 
 
 def test_etcd_from_env_and_from_cluster_json(
@@ -171,6 +194,47 @@ async def test_remove_drops_the_node_from_every_cache_at_once(etcd_url: str, etc
                 while cache.admitted("peer-doomed"):
                     await trio.sleep(0.01)
             assert cache.nodes() == {}
+            nursery.cancel_scope.cancel()
+    finally:
+        await registry.close()
+
+
+async def test_a_removed_running_node_stays_out_until_admitted(etcd_url: str, etcd_prefix: str) -> None:
+    """Issue 8 end to end: a running node's registration service, `sms nodes remove` from another
+    process, every cache drops the peer and it does not come back; `sms nodes admit` lets it back
+    without restarting the node."""
+    registry = await EtcdRegistry.connect(etcd_url, prefix=etcd_prefix)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_")}
+
+    async def sms_nodes(*args: str) -> bytes:
+        done = await trio.run_process(
+            [sys.executable, "-m", "sms.cli.main", "nodes", *args, "--etcd", etcd_url, "--etcd-prefix", etcd_prefix],
+            capture_stdout=True, capture_stderr=True, env=env,
+        )
+        return done.stdout
+
+    try:
+        cache = RegistryCache()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_registry_cache(registry, cache, task_status=task_status))
+            await nursery.start(lambda task_status: serve_node_registration(
+                registry, "peer-live", {"name": "live"}, ttl_s=2, removed_check_s=0.5, task_status=task_status,
+            ))
+            with trio.fail_after(WAIT_S):
+                while not cache.admitted("peer-live"):
+                    await trio.sleep(0.01)
+            assert b"removed node peer-live" in await sms_nodes("remove", "peer-live")
+            with trio.fail_after(WAIT_S):
+                while cache.admitted("peer-live"):
+                    await trio.sleep(0.01)
+            for _ in range(40):  # 4 s: two lease TTLs, eight of its checks
+                await trio.sleep(0.1)
+                assert not cache.admitted("peer-live")
+            assert "peer-live" not in await registry.list_nodes()
+            assert b"admitted node peer-live" in await sms_nodes("admit", "peer-live")
+            with trio.fail_after(WAIT_S):
+                while not cache.admitted("peer-live"):
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
         await registry.close()

@@ -106,6 +106,32 @@ def test_node_admission_follows_the_watch() -> None:
     assert cache.snapshot().nodes == {"peer-b": {"http": "b2"}}
 
 
+def test_a_removed_node_is_not_admitted() -> None:
+    cache = loaded()
+    removed_at = {"removed_at": "2025-01-01T00:00:00Z"}
+    # remove_node: one transaction, the record's deletion and the denylist entry
+    cache.apply(RegistryChange(11, "node", ("peer-a",), None, deleted=True))
+    cache.apply(RegistryChange(11, "removed_node", ("peer-a",), removed_at))
+    assert not cache.admitted("peer-a") and cache.nodes() == {}
+    assert cache.removed_nodes() == {"peer-a": removed_at}
+    cache.removed_nodes()["peer-a"]["removed_at"] = "tampered"  # a copy
+    assert cache.snapshot().removed_nodes == {"peer-a": removed_at}
+    # a record that exists next to a denylist entry (written around the registry) does not admit
+    cache.apply(RegistryChange(12, "node", ("peer-a",), {"http": "a"}))
+    assert not cache.admitted("peer-a") and cache.nodes() == {}
+    # admitted: the denylist entry goes, the record counts again
+    cache.apply(RegistryChange(13, "removed_node", ("peer-a",), None, deleted=True))
+    assert cache.admitted("peer-a") and cache.nodes() == {"peer-a": {"http": "a"}}
+    assert cache.removed_nodes() == {}
+    # a snapshot carries the denylist too
+    other = RegistryCache()
+    other.load(RegistrySnapshot(revision=20, nodes={"peer-b": {}}, removed_nodes={"peer-b": {}, "peer-c": removed_at}))
+    assert not other.admitted("peer-b") and not other.admitted("peer-c")
+    assert set(other.removed_nodes()) == {"peer-b", "peer-c"}
+    other.load(RegistrySnapshot(revision=21))
+    assert other.removed_nodes() == {}
+
+
 def test_has_session_counts_sessions_per_user() -> None:
     cache = loaded()
     cache.apply(RegistryChange(11, "session", ("th-alice-2",), ALICE.user_id))
@@ -197,12 +223,13 @@ def test_progress_and_unknown_kinds_only_move_the_revision() -> None:
     assert cache.apply(RegistryChange(16, "something-new", ("x",), object()))
     after = cache.snapshot()
     assert cache.revision == 16
-    assert (after.users, after.rooms, after.members, after.sessions, after.nodes) == (
+    assert (after.users, after.rooms, after.members, after.sessions, after.nodes, after.removed_nodes) == (
         before.users,
         before.rooms,
         before.members,
         before.sessions,
         before.nodes,
+        before.removed_nodes,
     )
 
 
@@ -219,6 +246,7 @@ _op = st.one_of(
     st.tuples(st.just("register"), st.integers(0, 2), st.integers(0, 9)),
     st.tuples(st.just("revoke"), st.integers(0, 2)),
     st.tuples(st.just("remove_node"), st.integers(0, 2)),
+    st.tuples(st.just("admit_node"), st.integers(0, 2)),
 )
 
 
@@ -258,6 +286,8 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
                 await leases[args[0]].revoke()  # type: ignore[attr-defined]
             elif kind == "remove_node":
                 await reg.remove_node(f"peer{args[0]}")
+            elif kind == "admit_node":
+                await reg.admit_node(f"peer{args[0]}")
         except ClientError:
             pass
         snap = await reg.snapshot()
@@ -275,15 +305,17 @@ async def _run_ops(ops: list[tuple], split: int) -> None:  # type: ignore[type-a
             cache.apply(change)
     got = cache.snapshot()
     assert got.revision == final.revision
-    assert (got.users, got.rooms, got.members, got.sessions, got.nodes) == (
+    assert (got.users, got.rooms, got.members, got.sessions, got.nodes, got.removed_nodes) == (
         final.users,
         final.rooms,
         final.members,
         final.sessions,
         final.nodes,
+        final.removed_nodes,
     )
     for n in range(3):
         assert cache.admitted(f"peer{n}") == (f"peer{n}" in final.nodes)
+        assert not (f"peer{n}" in final.nodes and f"peer{n}" in final.removed_nodes)  # never both
     for user_id in final.users:
         assert cache.has_session(user_id) == (user_id in final.sessions.values())
         expected = {(final.rooms[rid], ms[user_id]) for rid, ms in final.members.items() if user_id in ms}

@@ -3,6 +3,7 @@ clock (autojump: sleeps and timeouts pass instantly, and nothing here asserts on
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 
 from sms.node.core.registry_cache import RegistryCache
-from sms.node.errors import NotFound
+from sms.node.errors import Forbidden, NotFound
 from sms.node.ports import RegistryChange
 from sms.node.registry_feed import serve_node_registration, serve_registry_cache
 from tests.fakes.registry import FakeRegistry
@@ -164,12 +165,53 @@ async def test_node_registration_lives_and_ends(clock: trio.testing.MockClock) -
         assert lease.peer_id == "peer-a"
         await trio.sleep(60)  # twenty TTLs: kept alive all along
         assert await reg.list_nodes() == {"peer-a": {"v": 1}}
-        await reg.remove_node("peer-a")
-        await until_async(lambda: _has_node(reg, "peer-a"))
         nursery.cancel_scope.cancel()
     assert await reg.list_nodes() == {}
     with pytest.raises(NotFound):
         await lease.keepalive()
+
+
+async def test_a_removed_node_stays_out_until_admitted(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator removes a running node: it does not register again (one error in its log),
+    and `admit` lets it back without a restart, within one check interval."""
+    reg = FakeRegistry()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_node_registration(
+                reg, "peer-a", {"v": 1}, ttl_s=3, removed_check_s=10, task_status=task_status
+            )
+        )
+        with caplog.at_level(logging.ERROR, logger="sms.registry"):
+            await reg.remove_node("peer-a")
+            await trio.sleep(120)  # forty TTLs, twelve checks
+            assert await reg.list_nodes() == {}
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "sms nodes admit peer-a" in errors[0].getMessage()
+        assert await reg.admit_node("peer-a")
+        admitted_at = trio.current_time()
+        await until_async(lambda: _has_node(reg, "peer-a"))
+        assert trio.current_time() - admitted_at <= 10
+        await trio.sleep(60)  # and it is kept alive again
+        assert await reg.list_nodes() == {"peer-a": {"v": 1}}
+        # removed a second time: one more error, not a flood
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="sms.registry"):
+            await reg.remove_node("peer-a")
+            await trio.sleep(60)
+            assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+        nursery.cancel_scope.cancel()
+    assert await reg.list_nodes() == {}
+
+
+async def test_a_node_removed_before_it_starts_does_not_start(clock: trio.testing.MockClock) -> None:
+    reg = FakeRegistry()
+    await reg.remove_node("peer-a")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(Forbidden, match="sms nodes admit peer-a"):
+            await nursery.start(lambda task_status: serve_node_registration(reg, "peer-a", {}, ttl_s=3, task_status=task_status))
+    assert await reg.list_nodes() == {}
 
 
 async def test_node_registration_survives_an_outage_longer_than_its_ttl(clock: trio.testing.MockClock) -> None:
