@@ -47,34 +47,55 @@ def cluster(tmp_path: Path):
         c.stop()
 
 
-async def make_room(cluster: ClusterProcess, http: httpx.AsyncClient) -> tuple[str, list[tuple[str, str]]]:
-    """A room with one member registered on each node; returns (room_id, [(user_id, token)])."""
+@dataclass
+class Member:
+    node: int  # the node this user talks to
+    user_id: str
+    token: str
+
+
+async def make_room(cluster: ClusterProcess, http: httpx.AsyncClient, per_node: int) -> tuple[str, list[Member]]:
+    """A room with `per_node` members registered on each node (one user per concurrent sender, so
+    that no sender is slowed down by the per-user rate limit)."""
     tag = uuid.uuid4().hex[:8]
-    users = []
-    for i in range(3):
-        base = cluster.http(i)
-        name = f"d{i}-{tag}"
-        r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
-        assert r.status_code == 201, r.text
-        r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
-        assert r.status_code == 201, r.text
-        users.append((r.json()["user_id"], r.json()["token"]))
-    r = await http.post(cluster.http(0) + "/v1/rooms", json={"name": f"durable-{tag}"}, headers=auth(users[0][1]))
+    members: list[Member] = []
+    for k in range(per_node):
+        for node in range(3):
+            base = cluster.http(node)
+            name = f"d{node}-{k}-{tag}"
+            r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            members.append(Member(node, r.json()["user_id"], r.json()["token"]))
+    admin = members[0]
+    r = await http.post(cluster.http(0) + "/v1/rooms", json={"name": f"durable-{tag}"}, headers=auth(admin.token))
     assert r.status_code == 201, r.text
     room = r.json()["room_id"]
-    for user_id, _ in users[1:]:
-        r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/members/{user_id}", json={"role": "member"},
-                           headers=auth(users[0][1]))
+    for m in members[1:]:
+        r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/members/{m.user_id}", json={"role": "member"},
+                           headers=auth(admin.token))
         assert r.status_code == 200, r.text
     # Every node's registry cache knows the room and its last member before anyone sends.
-    for i in range(3):
+    for node in range(3):
         with trio.fail_after(15):
             while True:
-                r = await http.get(cluster.http(i) + "/v1/rooms", headers=auth(users[-1][1]))
+                r = await http.get(cluster.http(node) + "/v1/rooms", headers=auth(members[-1].token))
                 if r.status_code == 200 and any(x["room_id"] == room for x in r.json()["rooms"]):
                     break
                 await trio.sleep(0.05)
-    return room, users
+    return room, members
+
+
+async def put_message(http: httpx.AsyncClient, cluster: ClusterProcess, room: str, m: Member, txn: str) -> httpx.Response:
+    """PUT one message (body = txn id); a 429 (rate limit: nothing was done) is waited out and the
+    same txn id sent again, as a client does."""
+    while True:
+        r = await http.put(cluster.http(m.node) + f"/v1/rooms/{room}/messages/{txn}", json={"body": txn},
+                           headers=auth(m.token))
+        if r.status_code != 429:
+            return r
+        await trio.sleep(r.json()["error"].get("retry_after_ms", 100) / 1000)
 
 
 async def read_history(http: httpx.AsyncClient, base: str, room: str, token: str) -> list[dict]:
@@ -120,23 +141,26 @@ def assert_unavailable(r: httpx.Response) -> None:
 
 async def test_sigkill_right_after_acknowledging_500_sends_loses_none(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
-        room, users = await make_room(cluster, http)
+        room, members = await make_room(cluster, http, per_node=8)
         victim = 1
-        base, token = cluster.http(victim), users[victim][1]
+        senders = [m for m in members if m.node == victim]
         victim_pid = cluster.info["nodes"][victim]["pid"]
         acked: dict[str, str] = {}  # txn_id -> message_id
+        sender_of: dict[str, str] = {}
         limiter = trio.CapacityLimiter(32)
         tag = uuid.uuid4().hex[:6]
 
-        async def send(txn: str) -> None:
+        async def send(i: int) -> None:
+            m, txn = senders[i % len(senders)], f"burst-{tag}-{i}"
             async with limiter:
-                r = await http.put(base + f"/v1/rooms/{room}/messages/{txn}", json={"body": txn}, headers=auth(token))
+                r = await put_message(http, cluster, room, m, txn)
                 assert r.status_code == 200, r.text
                 acked[txn] = r.json()["message_id"]
+                sender_of[txn] = m.user_id
 
         async with trio.open_nursery() as nursery:
             for i in range(500):
-                nursery.start_soon(send, f"burst-{tag}-{i}")
+                nursery.start_soon(send, i)
         # The last acknowledgement has just arrived: kill the node before it can do anything else
         # (flush a buffer, publish a frame, finish a background write).
         os.kill(victim_pid, signal.SIGKILL)
@@ -144,18 +168,18 @@ async def test_sigkill_right_after_acknowledging_500_sends_loses_none(cluster: C
         assert len(acked) == 500 and len(set(acked.values())) == 500
 
         # Read through another node while the victim is down (or restarting).
-        history = await read_history(http, cluster.http(0), room, users[0][1])
+        history = await read_history(http, cluster.http(0), room, members[0].token)
         ids = [m["message_id"] for m in history]
         assert len(ids) == len(set(ids)), "a message is stored twice"
         assert set(ids) == set(acked.values()), f"lost {len(set(acked.values()) - set(ids))} acknowledged messages"
         by_id = {m["message_id"]: m for m in history}
         for txn, message_id in acked.items():
-            assert by_id[message_id]["body"] == txn and by_id[message_id]["sender"] == users[victim][0]
+            assert by_id[message_id]["body"] == txn and by_id[message_id]["sender"] == sender_of[txn]
         assert [m["ts"] for m in history] == sorted(m["ts"] for m in history)
 
         # `sms up` restarts the victim; it serves the very same history.
-        await wait_healthy(http, base, 60)
-        assert (await read_history(http, base, room, token)) == history
+        await wait_healthy(http, cluster.http(victim), 60)
+        assert (await read_history(http, cluster.http(victim), room, senders[0].token)) == history
         print(f"\n[durability] node {victim} SIGKILLed after 500 acks; healthy again {time.monotonic() - killed:.1f}s later")
 
 
@@ -194,23 +218,21 @@ async def test_postgres_outage_under_load_fails_cleanly_and_recovers(cluster: Cl
     restarted: PostgresProcess | None = None
     try:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
-            room, users = await make_room(cluster, http)
+            room, members = await make_room(cluster, http, per_node=6)
             out = Outcomes()
             tag = uuid.uuid4().hex[:6]
+            member_of: dict[str, Member] = {}
 
-            async def put(node: int, txn: str) -> httpx.Response:
-                r = await http.put(cluster.http(node) + f"/v1/rooms/{room}/messages/{txn}",
-                                   json={"body": txn}, headers=auth(users[node][1]))
-                return r
-
-            async def sender(node: int, worker: int, stop: trio.Event) -> None:
+            async def sender(m: Member, worker: int, stop: trio.Event) -> None:
                 i = 0
+                node = m.node
                 while not stop.is_set():
                     txn = f"n{node}-w{worker}-{i}-{tag}"
+                    member_of[txn] = m
                     i += 1
                     t0 = time.monotonic()
                     try:
-                        r = await put(node, txn)
+                        r = await put_message(http, cluster, room, m, txn)
                     except httpx.TimeoutException:
                         out.bad.append(f"{txn}: no answer within 30 s")
                         continue
@@ -232,9 +254,8 @@ async def test_postgres_outage_under_load_fails_cleanly_and_recovers(cluster: Cl
 
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
-                for node in range(3):
-                    for worker in range(6):
-                        nursery.start_soon(sender, node, worker, stop)
+                for worker, m in enumerate(members):  # 6 senders per node, each its own user
+                    nursery.start_soon(sender, m, worker, stop)
                 await trio.sleep(2.0)
                 assert len(out.acked) > 0
 
@@ -282,14 +303,15 @@ async def test_postgres_outage_under_load_fails_cleanly_and_recovers(cluster: Cl
             for txn, node in out.refused.items():
                 if txn in out.acked:
                     continue
-                r = await put(node, txn)
+                r = await put_message(http, cluster, room, member_of[txn], txn)
                 assert r.status_code == 200, r.text
                 out.acked[txn] = r.json()["message_id"]
 
             expected = set(out.acked.values())
             assert len(expected) == len(out.acked)
             for node in range(3):
-                history = await read_history(http, cluster.http(node), room, users[node][1])
+                reader = next(m for m in members if m.node == node)
+                history = await read_history(http, cluster.http(node), room, reader.token)
                 ids = [m["message_id"] for m in history]
                 assert len(ids) == len(set(ids)), f"node {node}: a message is stored twice"
                 assert set(ids) == expected, (
