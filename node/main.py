@@ -9,6 +9,7 @@ import trio
 
 from .adapters.gateway import build_app, serve_gateway
 from .config import NodeConfig
+from .errors import SmsError
 from .runtime import open_node
 
 log = logging.getLogger("sms.node")
@@ -39,4 +40,23 @@ async def _run_until_signalled(config: NodeConfig) -> None:
 
 
 def run_node(config: NodeConfig) -> None:
-    trio.run(_run_until_signalled, config)
+    """Runs the node; an sms error that stops it (e.g. removed by an operator, etcd unreachable at
+    start) surfaces as that error, not wrapped in trio's exception groups."""
+    try:
+        trio.run(_run_until_signalled, config)
+    except BaseExceptionGroup as group:
+        first = _first_sms_error(group)
+        if first is not None:
+            raise first from None
+        raise
+
+
+def _first_sms_error(group: BaseExceptionGroup) -> SmsError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, SmsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_sms_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import OrderedDict
 import itertools
 import logging
 import secrets
@@ -163,6 +164,8 @@ class Node:
     _offline_reported: set[str] = field(default_factory=set)
     nursery: trio.Nursery | None = None
     limiter: RateLimiter | None = None
+    # Frames the validator decoded and checked, by content, so delivery does not redo the work.
+    _checked_frames: "OrderedDict[bytes, Frame]" = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if self.config.rate_limit_per_s > 0 and self.limiter is None:
@@ -351,12 +354,17 @@ class Node:
                 self._repair_wanted.set()
         self.hub.deliver(messages)
 
-    async def repair_room(self, room_id: str) -> int:
-        """Pulls from history whatever this node has not delivered of a room; returns how many."""
+    async def repair_room(self, room_id: str, vector: dict[str, int] | None = None,
+                          origins: set[str] | None = None) -> int:
+        """Pulls from history whatever this node has not delivered of a room (of `origins`, or of
+        all); returns how many messages that was."""
         await self.ready_room(room_id)
-        vector = await self.history.version_vector(room_id)
+        if vector is None:
+            vector = await self.history.version_vector(room_id)
         pulled = 0
         for origin, upto in vector.items():
+            if origins is not None and origin not in origins:
+                continue
             while self.tracker.contiguous(room_id, origin) < upto:
                 after = self.tracker.contiguous(room_id, origin)
                 batch = await self.history.messages_after(room_id, origin, after, 500)
@@ -409,19 +417,40 @@ class Node:
             await trio.sleep(every_s)
 
     async def serve_repair(self, period_s: float = 3.0) -> None:
-        """Anti-entropy against history: at once when a gap shows, and every `period_s` anyway
-        (which also covers a peer that was unreachable, and a node that restarted)."""
+        """Anti-entropy against history.
+
+        - A gap (a later sequence arrived first) that is still open 0.5 s later is pulled at once.
+        - Every `period_s`, each room's history vector is compared with what was delivered; an
+          origin still behind what history held one period ago is pulled. That covers a lost tail
+          (no later frame to reveal the gap), a peer that was unreachable and a restart, without
+          pulling what gossip is merely still carrying under load.
+        """
+        held_before: dict[tuple[str, str], int] = {}
         while True:
+            woken_by_gap = False
             with trio.move_on_after(period_s):
                 await self._repair_wanted.wait()
+                woken_by_gap = True
                 await trio.sleep(0.5)  # a gap usually closes by itself: frames overtake each other
             self._repair_wanted = trio.Event()
-            for room in self.cache.all_rooms():
-                try:
-                    await self.repair_room(room.room_id)
-                except SmsError as err:
-                    log.warning("repair of room %s failed: %s", room.room_id, err.message)
-                    break
+            try:
+                for room in self.cache.all_rooms():
+                    room_id = room.room_id
+                    if woken_by_gap:
+                        if self.tracker.has_gaps(room_id):
+                            await self.repair_room(room_id)
+                        continue
+                    vector = await self.history.version_vector(room_id)
+                    behind = {
+                        origin for origin in vector
+                        if self.tracker.contiguous(room_id, origin) < held_before.get((room_id, origin), 0)
+                    }
+                    if behind:
+                        await self.repair_room(room_id, vector, behind)
+                    for origin, upto in vector.items():
+                        held_before[(room_id, origin)] = upto
+            except SmsError as err:
+                log.warning("repair paused: %s", err.message)
 
     def _enqueue_publish(self, effect: Publish) -> None:
         assert self._outbox_send is not None
@@ -605,6 +634,9 @@ class Node:
             self.metrics.frames_rejected.inc()
             log.info("rejected frame from %s: %s", author, err)
             return False
+        self._checked_frames[data] = frame
+        if len(self._checked_frames) > 4096:
+            self._checked_frames.popitem(last=False)
         return True
 
     def _check_ops(self, frame: Frame) -> None:
@@ -624,15 +656,18 @@ class Node:
 
     def on_frame(self, room_id: str, data: bytes, author: str) -> None:
         self.metrics.frames_in.inc()
-        try:
-            frame = decode_frame(data)
-        except FrameError:
-            self.metrics.frames_rejected.inc()
-            return
+        frame = self._checked_frames.pop(data, None)
+        checked = frame is not None
+        if frame is None:
+            try:
+                frame = decode_frame(data)
+            except FrameError:
+                self.metrics.frames_rejected.inc()
+                return
         if frame.kind != KIND_MESSAGES:
             self._on_ops(frame)
             return
-        for effect in self.core.step(FrameArrived(frame, author, wall_ms())):
+        for effect in self.core.step(FrameArrived(frame, author, wall_ms(), checked=checked)):
             if isinstance(effect, Deliver):
                 self._deliver(effect.messages)
             elif isinstance(effect, Reject):
