@@ -36,6 +36,7 @@ class UpOptions:
     etcd_url: str | None = None
     db_dsn: str | None = None
     etcd_port: int = 12379
+    etcd_members: int = 1  # >1: an embedded etcd cluster; member i on etcd_port + 2i (client), + 2i + 1 (peer)
     pg_port: int = 15432
     ready_timeout_s: float = 90.0
     log_level: str = "info"
@@ -193,7 +194,21 @@ def up(opts: UpOptions, say: Say, *, block: bool = True) -> Cluster:
     t_start = time.monotonic()
     try:
         secret_file = ensure_secret(data_dir)
-        if not opts.etcd_url:
+        if not opts.etcd_url and opts.etcd_members > 1:
+            from .etcd import cluster_urls, start_etcd_cluster
+
+            n, base = opts.etcd_members, opts.etcd_port
+            if base <= opts.pg_port < base + 2 * n:
+                raise RuntimeError(f"--pg-port {opts.pg_port} falls in the etcd ports {base}-{base + 2 * n - 1}")
+            say(f"[1/4] starting embedded etcd, {n} members on 127.0.0.1:{base}-{base + 2 * n - 1} ...")
+            # Its own directory: a single member's data cannot become an n-member cluster.
+            members = start_etcd_cluster(
+                data_dir / f"etcd-{n}", n, client_ports=[base + 2 * i for i in range(n)],
+                peer_ports=[base + 2 * i + 1 for i in range(n)], ready_timeout=30,
+            )
+            cluster.services.extend(members)
+            cluster.etcd_url = cluster_urls(members)
+        elif not opts.etcd_url:
             from .etcd import start_etcd
 
             say(f"[1/4] starting embedded etcd on 127.0.0.1:{opts.etcd_port} ...")

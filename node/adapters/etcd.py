@@ -439,7 +439,10 @@ class EtcdRegistry:
         url: str,
         *,
         prefix: str = "/sms/",
-        timeout_s: float = 5.0,
+        # 2 s: with its quorum lost, a surviving member holds each request until the deadline, so
+        # this is how long a membership change takes to fail with 503 (5 s was measured at 5 s;
+        # loopback transactions take ~10 ms). See docs/benchmarks-consensus.md.
+        timeout_s: float = 2.0,
         watch_idle_s: float = 5.0,
         max_threads: int = 16,
     ) -> EtcdRegistry:
