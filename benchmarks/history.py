@@ -34,7 +34,11 @@ ANALYZE, then:
     cursors, oldest first), timing every page once (grouped by depth decile);
   - at fixed depths (0, 1k, 10k, 25k, 50k, 75k, 90k, last page) times the same page --repeats
     times and reports p50/p99 in ms, in both directions;
-  - records PostgreSQL's EXPLAIN (ANALYZE, BUFFERS) of the deepest backward page.
+    (the repeats go round-robin over the depths, so load from elsewhere hits every depth alike);
+  - for each of those pages runs the two statements SqlHistory.page runs (the page, then the
+    "is there more on the other side" check) under EXPLAIN (ANALYZE, BUFFERS) and records the
+    buffers touched, the server's execution time and the scans used. Buffers do not depend on how
+    busy the machine is: they are the work per page.
 
 Keyset pagination means a page costs an index descent plus `limit` rows, whatever the depth; the
 table shows whether that holds.
@@ -427,14 +431,13 @@ def persist_totals(urls: list[str]) -> tuple[float, float]:
     return total_s, count
 
 
-async def _setup_room(http: httpx.AsyncClient, urls: list[str], n_users: int) -> tuple[str, list[tuple[str, str]]]:
-    """`n_users` users, user i registered on node i % len(urls), all members of one room; returns
-    (room_id, [(base_url, token)] per user). One user per sender keeps every sender under the
-    per-user rate limit (200 requests/s cluster-wide by default)."""
+async def _setup_room(http: httpx.AsyncClient, urls: list[str], node_of: list[int]) -> tuple[str, list[tuple[str, str]]]:
+    """One user per entry of `node_of`, registered on that node, all members of one room; returns
+    (room_id, [(base_url, token)] per user)."""
     tag = uuid.uuid4().hex[:8]
     users = []
-    for i in range(n_users):
-        base = urls[i % len(urls)]
+    for i, node in enumerate(node_of):
+        base = urls[node]
         name = f"bench{i}-{tag}"
         (await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})).raise_for_status()
         r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
@@ -453,27 +456,35 @@ async def _setup_room(http: httpx.AsyncClient, urls: list[str], n_users: int) ->
                 if r.status_code == 200 and any(x["room_id"] == room for x in r.json()["rooms"]):
                     break
                 await trio.sleep(0.05)
-    return room, [(urls[i % len(urls)], users[i][1]) for i in range(n_users)]
+    return room, [(urls[node], users[i][1]) for i, node in enumerate(node_of)]
 
 
 async def http_point(urls: list[str], concurrency: int, duration: float, warmup: float, max_sends: int,
                      request_timeout: float, cpu_pids: Sequence[int], dsn: str | None) -> dict:
     lat: list[float] = []
     errors: dict[str, int] = {}
+    # Every sender rotates over its own users (at least 8 users in all), all on the sender's node:
+    # nodes limit each user to 200 requests/s cluster-wide (1/N of it per node), and a benchmark of
+    # the write path must not measure that limit instead.
+    # Sender w talks to node w % N.
+    per_sender = max(1, -(-8 // concurrency))
+    node_of = [w % len(urls) for w in range(concurrency) for _ in range(per_sender)]
     async with httpx.AsyncClient(timeout=request_timeout) as http:
-        room, senders = await _setup_room(http, urls, concurrency)
+        room, accounts = await _setup_room(http, urls, node_of)
+    senders = [accounts[w * per_sender:(w + 1) * per_sender] for w in range(concurrency)]
     t_warm = trio.current_time() + warmup
     t_end = t_warm + duration
     before: dict[str, object] = {}
 
     async def worker(w: int) -> None:
-        base, token = senders[w]
-        hdr = {"Authorization": f"Bearer {token}"}
+        base = senders[w][0][0]
+        hdrs = [{"Authorization": f"Bearer {token}"} for _, token in senders[w]]
         conn = MiniHttp(base)
         i = 0
         try:
             while trio.current_time() < t_end and len(lat) < max_sends:
                 i += 1
+                hdr = hdrs[i % len(hdrs)]
                 t0 = trio.current_time()
                 body = json.dumps({"body": f"w{w} message {i}"}).encode()
                 try:
@@ -653,34 +664,89 @@ async def paging(dsn: str, args: argparse.Namespace) -> dict:
             say(f"  {direction} walk: {len(times)} pages in {sum(t for _, t in times):.2f}s")
         out["walks"] = walks
 
-        # Fixed depths, each page repeated.
+        # Fixed depths, each page repeated. The repeats go round-robin over the depths, so a burst of
+        # load from elsewhere on the machine lands on every depth alike instead of on one of them.
         depths = sorted({d for d in (0, 1_000, 10_000, 25_000, 50_000, 75_000, 90_000) if d < args.messages}
                         | {max(0, args.messages - limit)})
-        table = []
+        targets = []  # (depth, direction, actual depth, page kwargs)
         for depth in depths:
-            row = {"depth": depth}
             for direction in ("backward", "forward"):
-                # the page whose first message sits at this depth from the newest (backward) or oldest (forward) end
+                # the page that starts this deep from the newest (backward) or the oldest (forward) end
                 dep, cursor = min(cursors[direction], key=lambda dc: abs(dc[0] - depth))
                 kw = ({"before": cursor} if cursor else {}) if direction == "backward" else {"after": cursor}
-                samples = [(await timed(**kw))[0] for _ in range(args.repeats)]
-                row[direction] = {"at_depth": dep, "p50_ms": round(percentile(samples, 50) * 1000, 3),
-                                  "p99_ms": round(percentile(samples, 99) * 1000, 3)}
-            table.append(row)
-            say(f"  depth {depth:>6}: backward p50 {row['backward']['p50_ms']} ms, forward p50 {row['forward']['p50_ms']} ms")
-        out["by_depth"] = table
+                targets.append((depth, direction, dep, kw))
+        samples: dict[tuple[int, str], list[float]] = {(d, r): [] for d, r, _, _ in targets}
+        for _ in range(args.repeats):
+            for depth, direction, _, kw in targets:
+                samples[(depth, direction)].append((await timed(**kw))[0])
 
-        # The plan of the deepest backward page.
+        # What the database does for each of those pages: the same two statements SqlHistory.page
+        # runs (copied here), with EXPLAIN (ANALYZE, BUFFERS). Buffers (8 KiB pages touched) do not
+        # depend on how busy the machine is, so they show the work per page directly.
         from sms.node.adapters.sql import decode_cursor
 
-        deepest = cursors["backward"][-1][1]
-        ts, mid = decode_cursor(deepest)
+        cols = "room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev"
+
+        def explain(conn, sql: str, params: tuple) -> dict:
+            plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params).fetchone()[0][0]
+            top = plan["Plan"]
+            nodes, stack = [], [top]
+            while stack:
+                n = stack.pop()
+                nodes.append(n["Node Type"] + (f" on {n['Index Name']}" if "Index Name" in n else ""))
+                stack.extend(n.get("Plans", []))
+            return {"buffers": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
+                    "execution_ms": round(plan["Execution Time"], 3),
+                    "scans": [x for x in nodes if "Scan" in x]}
+
+        work: dict[tuple[int, str], dict] = {}
         with psycopg.connect(dsn, autocommit=True) as conn:
-            plan = [r[0] for r in conn.execute(
-                "EXPLAIN (ANALYZE, BUFFERS, TIMING OFF) SELECT room_id, message_id, sender, txn_id, body, ts, origin, seq, "
-                "membership_rev FROM messages WHERE room_id = %s AND NOT deleted AND (ts, message_id) < (%s, %s) "
-                "ORDER BY ts DESC, message_id DESC LIMIT %s", (room, ts, mid, limit + 1)).fetchall()]
-        out["deepest_backward_page_plan"] = plan
+            for depth, direction, _, kw in targets:
+                cursor = kw.get("before") or kw.get("after")
+                if direction == "backward":
+                    if cursor is None:
+                        q1 = explain(conn, f"SELECT {cols} FROM messages WHERE room_id = %s AND NOT deleted "
+                                           "ORDER BY ts DESC, message_id DESC LIMIT %s", (room, limit + 1))
+                        rows = conn.execute("SELECT ts, message_id FROM messages WHERE room_id = %s AND NOT deleted "
+                                            "ORDER BY ts DESC, message_id DESC LIMIT 1", (room,)).fetchall()
+                    else:
+                        ts, mid = decode_cursor(cursor)
+                        q1 = explain(conn, f"SELECT {cols} FROM messages WHERE room_id = %s AND NOT deleted AND "
+                                           "(ts, message_id) < (%s, %s) ORDER BY ts DESC, message_id DESC LIMIT %s",
+                                     (room, ts, mid, limit + 1))
+                        rows = conn.execute("SELECT ts, message_id FROM messages WHERE room_id = %s AND NOT deleted AND "
+                                            "(ts, message_id) < (%s, %s) ORDER BY ts DESC, message_id DESC LIMIT 1",
+                                            (room, ts, mid)).fetchall()
+                    newest = rows[0]  # the has-newer check starts from the page's newest message
+                    q2 = explain(conn, "SELECT 1 FROM messages WHERE room_id = %s AND NOT deleted AND (ts, message_id) "
+                                       "> (%s, %s) ORDER BY ts, message_id LIMIT 1", (room, newest[0], newest[1]))
+                else:
+                    ts, mid = decode_cursor(cursor)
+                    q1 = explain(conn, f"SELECT {cols} FROM messages WHERE room_id = %s AND NOT deleted AND "
+                                       "(ts, message_id) > (%s, %s) ORDER BY ts, message_id LIMIT %s",
+                                 (room, ts, mid, limit + 1))
+                    oldest = conn.execute("SELECT ts, message_id FROM messages WHERE room_id = %s AND NOT deleted AND "
+                                          "(ts, message_id) > (%s, %s) ORDER BY ts, message_id LIMIT 1",
+                                          (room, ts, mid)).fetchone()
+                    q2 = explain(conn, "SELECT 1 FROM messages WHERE room_id = %s AND NOT deleted AND (ts, message_id) "
+                                       "< (%s, %s) ORDER BY ts DESC, message_id DESC LIMIT 1", (room, oldest[0], oldest[1]))
+                work[(depth, direction)] = {"buffers": q1["buffers"] + q2["buffers"],
+                                            "db_execution_ms": round(q1["execution_ms"] + q2["execution_ms"], 3),
+                                            "scans": q1["scans"] + q2["scans"]}
+
+        table = []
+        for depth in depths:
+            row: dict = {"depth": depth}
+            for depth_, direction, dep, _ in targets:
+                if depth_ != depth:
+                    continue
+                xs = samples[(depth, direction)]
+                row[direction] = {"at_depth": dep, "p50_ms": round(percentile(xs, 50) * 1000, 3),
+                                  "p99_ms": round(percentile(xs, 99) * 1000, 3), **work[(depth, direction)]}
+            table.append(row)
+            say(f"  depth {depth:>6}: backward p50 {row['backward']['p50_ms']} ms ({row['backward']['buffers']} buffers), "
+                f"forward p50 {row['forward']['p50_ms']} ms ({row['forward']['buffers']} buffers)")
+        out["by_depth"] = table
     return out
 
 
@@ -757,7 +823,13 @@ def check_bounds(args: argparse.Namespace) -> None:
             raise SystemExit("--layers takes sql,cluster; --modes takes group,single")
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    # SIGTERM unwinds like Ctrl-C, so the processes this benchmark started are stopped by PID.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     check_bounds(args)
     if args.part in ("sends", "all"):

@@ -15,8 +15,8 @@ def points_table(doc: dict) -> str:
     """One row per system and offered rate."""
     rows = [
         "| system | offered/s | p50 ms | p95 ms | p99 ms | max ms | ack p99 ms | lost | dup | deliveries/s | "
-        "system CPU ms/delivery | generator CPU % | other CPU % | held |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "system CPU ms/delivery | generator CPU % | other CPU % | run-queue wait % | held |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, system in doc["systems"].items():
         for p in system["points"]:
@@ -32,7 +32,7 @@ def points_table(doc: dict) -> str:
                 f"| {_f(d['p50'])} | {_f(d['p95'])} | {_f(d['p99'])} | {_f(d['max'])} | {_f(p['ack_ms']['p99'])} "
                 f"| {p['lost']}/{p['expected_deliveries']} | {p['duplicates']} | {_f(p['throughput']['deliveries_per_s'], 0)} "
                 f"| {_f(p.get('cpu_ms_per_delivery'), 2)} | {_f(p.get('generator_cpu_percent'))} "
-                f"| {_f(p.get('other_cpu_percent'))} | {held} |"
+                f"| {_f(p.get('other_cpu_percent'))} | {_f(p.get('runqueue_wait_percent'))} | {held} |"
             )
     return "\n".join(rows)
 

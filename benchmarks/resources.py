@@ -32,6 +32,26 @@ def _procs(group: Group) -> list[psutil.Process]:
     return out
 
 
+def _runqueue_wait_s(proc: psutil.Process) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat,
+    second field): the direct measure of CPU contention, whoever caused it."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        pass
+    return total / 1e9
+
+
+def _wait(group: Group) -> float:
+    return sum(_runqueue_wait_s(p) for p in _procs(group))
+
+
 def _sample(group: Group) -> tuple[float, float]:
     """(cpu seconds user+system, rss bytes) summed over the group."""
     cpu = rss = 0.0
@@ -58,6 +78,7 @@ class ResourceMonitor:
         if t0 > now:
             await anyio.sleep(t0 - now)
         start = {g.name: _sample(g) for g in self.groups}
+        wait0 = {g.name: _wait(g) for g in self.groups}
         sys0 = psutil.cpu_times()
         w0 = time.monotonic()
         peak = {name: rss for name, (_, rss) in start.items()}
@@ -67,6 +88,7 @@ class ResourceMonitor:
                 _, rss = _sample(g)
                 peak[g.name] = max(peak[g.name], rss)
         end = {g.name: _sample(g) for g in self.groups}
+        wait1 = {g.name: _wait(g) for g in self.groups}
         sys1 = psutil.cpu_times()
         wall = max(1e-6, time.monotonic() - w0)
         out = {}
@@ -79,6 +101,8 @@ class ResourceMonitor:
                 "cpu_percent": round(100 * cpu / wall, 1),
                 "rss_mb": round(end[g.name][1] / 2**20, 1),
                 "peak_rss_mb": round(peak[g.name] / 2**20, 1),
+                # percent of the window the group's threads spent runnable but without a CPU
+                "runqueue_wait_percent": round(100 * max(0.0, wait1[g.name] - wait0[g.name]) / wall, 1),
             }
         total_busy = _busy(sys1) - _busy(sys0)
         ours = sum(v["cpu_s"] for v in out.values())

@@ -41,6 +41,7 @@ def point_record(rec: Recorder, workload: Workload, resources: dict, policy: Swe
     p["generator_cpu_percent"] = gen.get("cpu_percent")
     p["machine_cpu_percent"] = resources.get("machine", {}).get("cpu_percent")
     p["other_cpu_percent"] = resources.get("machine", {}).get("other_cpu_percent")
+    p["runqueue_wait_percent"] = round(sum(v.get("runqueue_wait_percent", 0.0) for k, v in resources.items() if k != "machine"), 1)
     # The generator shares the machine: flag points where it started sends late (it was short of
     # CPU, because of its own work or because the machine was saturated by the system or others).
     lag99 = p["lag_ms"]["p99"] or 0.0
@@ -57,7 +58,7 @@ def point_line(system: str, p: dict) -> str:
     return (f"  {system:9s} R={p['offered_rate']:>8g}/s  p50={d['p50']} p99={d['p99']} max={d['max']} ms  "
             f"ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
             f"err={p['send_errors']} notsent={p['not_sent']}  {p['throughput']['deliveries_per_s']:g} deliv/s  "
-            f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  "
+            f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  runq wait={p.get('runqueue_wait_percent')}%  "
             f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}"
             f"{'  [generator lagged]' if p.get('generator_lagged') else ''}"
             f"{'  [disturbed]' if p.get('disturbed') else ''}")
