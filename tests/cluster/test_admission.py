@@ -20,19 +20,11 @@ from sms.node.adapters.p2p import P2PNode
 from sms.node.core.envelope import encode_frame
 from sms.node.core.model import Message, message_id_for
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess
 from .test_message_plane import setup_room
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("admission"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
 
 
 def free_port() -> int:

@@ -12,20 +12,12 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess
 
 pytestmark = pytest.mark.slow
 
 PASSWORD = "correct horse battery"
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("cluster"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
 
 
 async def register_and_login(base: str, name: str) -> tuple[str, str]:

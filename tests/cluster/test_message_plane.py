@@ -14,19 +14,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess
 
 pytestmark = pytest.mark.slow
 PASSWORD = "correct horse battery"
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("plane"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
 
 
 async def setup_room(cluster: ClusterProcess, http: httpx.AsyncClient, n_users: int = 3) -> tuple[str, list[tuple[str, str]]]:

@@ -13,19 +13,11 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess
 from .test_message_plane import setup_room
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("features"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
 
 
 def auth(token: str) -> dict:
