@@ -288,6 +288,14 @@ def _check_ttl(ttl_s: object) -> int:
     return ttl_s
 
 
+def _never_sent(exc: grpc.RpcError) -> bool:
+    """Whether gRPC failed before the request left: no connection to the member at all."""
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in details.lower() or "connection refused" in details.lower()
+    )
+
+
 def parse_etcd_urls(url: str) -> list[tuple[str, int]]:
     """"http://h:p,http://h2:p2" (or bare "h:p") -> [(host, port), ...]."""
     out = []
@@ -521,16 +529,37 @@ class EtcdRegistry:
         return exc
 
     def _rpc(self, fn: Callable[[], T]) -> T:
-        """In a worker thread: run one RPC, marking a failed endpoint so pyetcd fails over."""
-        try:
-            return fn()
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+        """In a worker thread: run one RPC, marking a failed endpoint so pyetcd fails over.
+
+        A failure that proves the request never reached etcd (no connection to that member) is
+        retried at once on the next endpoint, up to once per endpoint: safe for every RPC (etcd's
+        own client does the same). Without it, pyetcd's failover picks the first endpoint not
+        yet marked failed, often a dead member, and that call failed with 503 while a healthy
+        member was there (tests/cluster/test_consensus.py saw it in about half the runs).
+        Likewise, when every endpoint failed within pyetcd's `time_retry`, the one that failed
+        longest ago is asked again instead of refusing without asking anyone (which kept
+        answering 503 for up to 2 s after etcd was back)."""
+        for attempt in range(len(self._client.endpoints)):
+            try:
+                return fn()
+            except etcd_exc.NoServerAvailableError:
+                if attempt + 1 < len(self._client.endpoints):
+                    min(self._client.endpoints.values(), key=lambda e: e.last_failed).last_failed = 0
+                    continue
                 raise
-            # Marks the endpoint failed (so the next call fails over) and re-raises, as
-            # pyetcd's own methods do; we translate at the await.
-            self._client._manage_grpc_errors(exc)
-            raise
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise
+                # Marks the endpoint failed (so the next call fails over) and re-raises, as
+                # pyetcd's own methods do; we translate at the await.
+                try:
+                    self._client._manage_grpc_errors(exc)
+                except etcd_exc.ConnectionFailedError:
+                    if attempt + 1 < len(self._client.endpoints) and _never_sent(exc):
+                        continue
+                    raise
+                raise
+        raise AssertionError("unreachable")
 
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._closed:
