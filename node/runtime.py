@@ -187,6 +187,10 @@ class Node:
     async def login(self, name: object, password: object) -> tuple[str, str]:
         if not isinstance(name, str) or not isinstance(password, str):
             raise BadRequest("name and password must be strings")
+        try:
+            validate_name(name, "user name")
+        except BadRequest:
+            raise Unauthorized("wrong user name or password") from None  # no user has that name
         found = await self.registry.find_user_by_name(name)
         ok = found is not None and await trio.to_thread.run_sync(verify_password, found[1], password)
         if not ok:
@@ -213,6 +217,10 @@ class Node:
         await self.registry.delete_session(token_hash(token))
 
     async def find_user(self, name: str) -> User:
+        try:
+            validate_name(name, "user name")
+        except BadRequest:
+            raise NotFound(f"no user named {name!r}") from None
         found = await self.registry.find_user_by_name(name)
         if found is None:
             raise NotFound(f"no user named {name!r}")

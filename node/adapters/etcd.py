@@ -163,7 +163,10 @@ class _Keys:
     prefix: str
 
     def _k(self, *parts: str) -> bytes:
-        return (self.prefix + "/".join(parts)).encode()
+        try:
+            return (self.prefix + "/".join(parts)).encode()
+        except UnicodeEncodeError:
+            raise BadRequest("a name or id is not valid Unicode text") from None
 
     def root(self) -> bytes:
         return self.prefix.encode()

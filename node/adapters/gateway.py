@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.websockets import WebSocketDisconnect
 
 from ..core.delivery import decode_cursor, encode_cursor
@@ -57,6 +58,13 @@ COMMON_ERRORS = {
     429: {**_ERROR, "description": "Over the per-user rate limit; retry after retry_after_ms"},
     503: {**_ERROR, "description": "etcd or the database is unreachable; nothing was changed"},
 }
+
+
+class Health(BaseModel):
+    ok: bool
+    mesh: bool
+    etcd: bool
+    db: bool
 
 
 class Credentials(BaseModel):
@@ -126,8 +134,9 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         title="sms",
         version="1",
         description="Peer-to-peer chat: every node serves the whole API. See docs/api.md.",
-        responses=COMMON_ERRORS,  # type: ignore[arg-type]
     )
+    # Every /v1 route may answer the common errors; /healthz, /metrics and / have their own shapes.
+    v1 = APIRouter(responses=COMMON_ERRORS)  # type: ignore[arg-type]
 
     @app.exception_handler(SmsError)
     async def _sms_error(request: Request, exc: SmsError) -> JSONResponse:
@@ -145,7 +154,25 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # A 405 must name every allowed method; Starlette names only the first route's.
+            methods: set[str] = set()
+            for route in [*app.routes, *v1.routes]:  # an included router is one opaque entry
+                if not getattr(route, "methods", None):
+                    continue
+                match, _ = route.matches(request.scope)
+                if match is not Match.NONE:
+                    methods.update(getattr(route, "methods", None) or ())
+            if methods:
+                headers["Allow"] = ", ".join(sorted(methods - {"HEAD"} if "GET" not in methods else methods))
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers or None)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Our own bug: logged with its traceback, answered in the documented error shape.
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", "internal error; it has been logged"), 500)
 
     app.add_middleware(BodyCap)
 
@@ -157,11 +184,12 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- health, status, metrics
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], response_model=Health,
+             responses={503: {"model": Health, "description": "Not (yet) healthy: which part is missing"}})
     async def healthz() -> JSONResponse:
         return JSONResponse(node.health(), status_code=200 if node.healthy else 503)
 
-    @app.get("/v1/status", tags=["operations"])
+    @v1.get("/v1/status", tags=["operations"])
     async def status() -> dict:
         return node.status()
 
@@ -172,23 +200,23 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- accounts
 
-    @app.post("/v1/users", status_code=201, tags=["accounts"])
+    @v1.post("/v1/users", status_code=201, tags=["accounts"])
     async def register(body: Credentials) -> dict:
         user = await node.register(body.name, body.password)
         return {"user_id": user.user_id, "name": user.name}
 
-    @app.get("/v1/users", tags=["accounts"])
+    @v1.get("/v1/users", tags=["accounts"])
     async def find_user(request: Request, name: str = Query(...)) -> dict:
         await user_of(request)
         user = await node.find_user(name)
         return {"user_id": user.user_id, "name": user.name}
 
-    @app.post("/v1/sessions", status_code=201, tags=["accounts"])
+    @v1.post("/v1/sessions", status_code=201, tags=["accounts"])
     async def login(body: Credentials) -> dict:
         token, user_id = await node.login(body.name, body.password)
         return {"token": token, "user_id": user_id}
 
-    @app.delete("/v1/sessions/current", status_code=204, tags=["accounts"])
+    @v1.delete("/v1/sessions/current", status_code=204, tags=["accounts"])
     async def logout(request: Request) -> Response:
         await user_of(request)
         await node.logout(bearer(request) or "")
@@ -196,13 +224,13 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- rooms
 
-    @app.post("/v1/rooms", status_code=201, tags=["rooms"])
+    @v1.post("/v1/rooms", status_code=201, tags=["rooms"])
     async def create_room(request: Request, body: RoomCreate) -> dict:
         user_id = await user_of(request)
         room = await node.create_room(user_id, body.name)
         return {"room_id": room.room_id, "name": room.name}
 
-    @app.get("/v1/rooms", tags=["rooms"])
+    @v1.get("/v1/rooms", tags=["rooms"])
     async def list_rooms(request: Request) -> dict:
         user_id = await user_of(request)
         return {
@@ -212,24 +240,24 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             ]
         }
 
-    @app.put("/v1/rooms/{room_id}/members/{member_id}", tags=["rooms"])
+    @v1.put("/v1/rooms/{room_id}/members/{member_id}", tags=["rooms"])
     async def put_member(request: Request, room_id: str, member_id: str, body: MemberPut) -> dict:
         user_id = await user_of(request)
         await node.set_member(user_id, room_id, member_id, body.role)
         return {"room_id": room_id, "user_id": member_id, "role": body.role}
 
-    @app.get("/v1/rooms/{room_id}", tags=["rooms"])
+    @v1.get("/v1/rooms/{room_id}", tags=["rooms"])
     async def get_room(request: Request, room_id: str) -> dict:
         user_id = await user_of(request)
         return node.room_details(user_id, room_id)
 
-    @app.delete("/v1/rooms/{room_id}", status_code=204, tags=["rooms"])
+    @v1.delete("/v1/rooms/{room_id}", status_code=204, tags=["rooms"])
     async def delete_room(request: Request, room_id: str) -> Response:
         user_id = await user_of(request)
         await node.delete_room(user_id, room_id)
         return Response(status_code=204)
 
-    @app.delete("/v1/rooms/{room_id}/members/{member_id}", status_code=204, tags=["rooms"])
+    @v1.delete("/v1/rooms/{room_id}/members/{member_id}", status_code=204, tags=["rooms"])
     async def remove_member(request: Request, room_id: str, member_id: str) -> Response:
         user_id = await user_of(request)
         await node.remove_member(user_id, room_id, member_id)
@@ -239,14 +267,14 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # One path template serves the three: OpenAPI forbids two templates that differ only in a
     # parameter's name. For PUT the key is the client's transaction id, else the message id.
-    @app.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+    @v1.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
              summary="Send a message (key: your transaction id; idempotent)")
     async def send(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
         msg = await node.send(user_id, room_id, key, body.body)
         return {"message_id": msg.message_id, "ts": msg.ts}
 
-    @app.get("/v1/rooms/{room_id}/messages", tags=["messages"])
+    @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"])
     async def history(
         request: Request,
         room_id: str,
@@ -263,41 +291,41 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             "next": page.next,
         }
 
-    @app.patch("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+    @v1.patch("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
                summary="Edit a message (key: its message id; the sender only)")
     async def edit(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
         return await node.edit_message(user_id, room_id, key, body.body)
 
-    @app.delete("/v1/rooms/{room_id}/messages/{key}", status_code=204, tags=["messages"],
+    @v1.delete("/v1/rooms/{room_id}/messages/{key}", status_code=204, tags=["messages"],
                 summary="Delete a message (key: its message id; the sender or an admin)")
     async def delete_message(request: Request, room_id: str, key: str) -> Response:
         user_id = await user_of(request)
         await node.delete_message(user_id, room_id, key)
         return Response(status_code=204)
 
-    @app.put("/v1/rooms/{room_id}/typing", status_code=204, tags=["presence"])
+    @v1.put("/v1/rooms/{room_id}/typing", status_code=204, tags=["presence"])
     async def typing(request: Request, room_id: str, body: TypingPut) -> Response:
         user_id = await user_of(request)
         await node.set_typing(user_id, room_id, body.typing)
         return Response(status_code=204)
 
-    @app.put("/v1/rooms/{room_id}/read", tags=["presence"])
+    @v1.put("/v1/rooms/{room_id}/read", tags=["presence"])
     async def read(request: Request, room_id: str, body: ReadPut) -> dict:
         user_id = await user_of(request)
         return await node.mark_read(user_id, room_id, body.message_id)
 
-    @app.get("/v1/read-markers", tags=["presence"])
+    @v1.get("/v1/read-markers", tags=["presence"])
     async def read_markers(request: Request) -> dict:
         user_id = await user_of(request)
         return {"markers": await node.read_markers(user_id)}
 
-    @app.put("/v1/presence", tags=["presence"])
+    @v1.put("/v1/presence", tags=["presence"])
     async def put_presence(request: Request, body: PresencePut) -> dict:
         user_id = await user_of(request)
         return await node.set_presence(user_id, body.status)
 
-    @app.get("/v1/users/{user_id}/presence", tags=["presence"])
+    @v1.get("/v1/users/{user_id}/presence", tags=["presence"])
     async def get_presence(request: Request, user_id: str) -> dict:
         await user_of(request)
         return node.get_presence(user_id)
@@ -372,6 +400,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     await node.client_disconnected(user_id)
                 except SmsError:
                     pass
+
+    app.include_router(v1)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

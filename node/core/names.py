@@ -33,4 +33,15 @@ def validate_name(value: object, what: str) -> str:
 def validate_password(value: object) -> str:
     if not isinstance(value, str) or not MIN_PASSWORD <= len(value) <= MAX_PASSWORD:
         raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+    if not is_unicode_text(value):
+        raise BadRequest("password is not valid Unicode text (it holds a lone surrogate)")
     return value
+
+
+def is_unicode_text(value: str) -> bool:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 encoder accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
