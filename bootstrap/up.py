@@ -40,6 +40,7 @@ class UpOptions:
     pg_port: int = 15432
     ready_timeout_s: float = 90.0
     log_level: str = "info"
+    retention_days: float | None = None
 
 
 @dataclass
@@ -108,6 +109,7 @@ def start_node(
         "--http-port", str(http_port), "--p2p-port", str(p2p_port),
         "--etcd", etcd_url, "--db", db_dsn, "--secret-file", str(secret_file),
         "--log-level", opts.log_level,
+        *(["--retention-days", str(opts.retention_days)] if opts.retention_days else []),
     ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]

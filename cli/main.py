@@ -42,6 +42,7 @@ def up(
                                           "one (two); data in DIR/etcd-N. Nodes get every member's URL."),
     pg_port: int = typer.Option(15432, help="Port of the embedded PostgreSQL."),
     log_level: str = typer.Option("info", help="Node log level (debug, info, warning)."),
+    retention_days: Optional[float] = typer.Option(None, help="Nodes purge messages older than this many days."),
 ) -> None:
     """Start a local cluster: embedded etcd + PostgreSQL and N nodes. Ctrl-C stops it all."""
     from sms.bootstrap.up import UpOptions, up as run_up
@@ -49,6 +50,7 @@ def up(
     opts = UpOptions(
         data_dir=data_dir, nodes=nodes, http_port=http_port, p2p_port=p2p_port, etcd_url=etcd,
         db_dsn=db, etcd_port=etcd_port, etcd_members=etcd_members, pg_port=pg_port, log_level=log_level,
+        retention_days=retention_days,
     )
     try:
         run_up(opts, lambda line: typer.echo(line))
