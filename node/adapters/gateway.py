@@ -67,6 +67,90 @@ class Health(BaseModel):
     db: bool
 
 
+# Success shapes, for the OpenAPI document (declared with `responses=`, so the hot path pays no
+# response validation; the contract tests check the real bodies).
+class UserOut(BaseModel):
+    user_id: str
+    name: str
+
+
+class SessionOut(BaseModel):
+    token: str
+    user_id: str
+
+
+class RoomOut(BaseModel):
+    room_id: str
+    name: str
+
+
+class RoomWithRole(RoomOut):
+    role: str
+
+
+class RoomList(BaseModel):
+    rooms: list[RoomWithRole]
+
+
+class MemberOut(BaseModel):
+    user_id: str
+    name: str | None
+    role: str
+
+
+class RoomDetails(RoomOut):
+    members: list[MemberOut]
+
+
+class MembershipOut(BaseModel):
+    room_id: str
+    user_id: str
+    role: str
+
+
+class SendOut(BaseModel):
+    message_id: str
+    ts: int
+
+
+class MessageOut(BaseModel):
+    message_id: str
+    room_id: str
+    sender: str
+    body: str
+    ts: int
+
+
+class HistoryOut(BaseModel):
+    messages: list[MessageOut]
+    prev: str | None
+    next: str | None
+
+
+class PresenceOut(BaseModel):
+    status: str
+    ts: int
+
+
+class ReadOut(BaseModel):
+    room_id: str
+    message_id: str
+    moved: bool
+
+
+class ReadMarker(BaseModel):
+    message_id: str
+    ts: int
+
+
+class ReadMarkersOut(BaseModel):
+    markers: dict[str, ReadMarker]
+
+
+def ok(model: type[BaseModel], status: int = 200) -> dict:
+    return {status: {"model": model}}
+
+
 class Credentials(BaseModel):
     name: str
     password: str
@@ -200,18 +284,18 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- accounts
 
-    @v1.post("/v1/users", status_code=201, tags=["accounts"])
+    @v1.post("/v1/users", status_code=201, tags=["accounts"], responses=ok(UserOut, 201))
     async def register(body: Credentials) -> dict:
         user = await node.register(body.name, body.password)
         return {"user_id": user.user_id, "name": user.name}
 
-    @v1.get("/v1/users", tags=["accounts"])
+    @v1.get("/v1/users", tags=["accounts"], responses=ok(UserOut))
     async def find_user(request: Request, name: str = Query(...)) -> dict:
         await user_of(request)
         user = await node.find_user(name)
         return {"user_id": user.user_id, "name": user.name}
 
-    @v1.post("/v1/sessions", status_code=201, tags=["accounts"])
+    @v1.post("/v1/sessions", status_code=201, tags=["accounts"], responses=ok(SessionOut, 201))
     async def login(body: Credentials) -> dict:
         token, user_id = await node.login(body.name, body.password)
         return {"token": token, "user_id": user_id}
@@ -224,13 +308,13 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # -- rooms
 
-    @v1.post("/v1/rooms", status_code=201, tags=["rooms"])
+    @v1.post("/v1/rooms", status_code=201, tags=["rooms"], responses=ok(RoomOut, 201))
     async def create_room(request: Request, body: RoomCreate) -> dict:
         user_id = await user_of(request)
         room = await node.create_room(user_id, body.name)
         return {"room_id": room.room_id, "name": room.name}
 
-    @v1.get("/v1/rooms", tags=["rooms"])
+    @v1.get("/v1/rooms", tags=["rooms"], responses=ok(RoomList))
     async def list_rooms(request: Request) -> dict:
         user_id = await user_of(request)
         return {
@@ -240,13 +324,13 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             ]
         }
 
-    @v1.put("/v1/rooms/{room_id}/members/{member_id}", tags=["rooms"])
+    @v1.put("/v1/rooms/{room_id}/members/{member_id}", tags=["rooms"], responses=ok(MembershipOut))
     async def put_member(request: Request, room_id: str, member_id: str, body: MemberPut) -> dict:
         user_id = await user_of(request)
         await node.set_member(user_id, room_id, member_id, body.role)
         return {"room_id": room_id, "user_id": member_id, "role": body.role}
 
-    @v1.get("/v1/rooms/{room_id}", tags=["rooms"])
+    @v1.get("/v1/rooms/{room_id}", tags=["rooms"], responses=ok(RoomDetails))
     async def get_room(request: Request, room_id: str) -> dict:
         user_id = await user_of(request)
         return node.room_details(user_id, room_id)
@@ -267,14 +351,14 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     # One path template serves the three: OpenAPI forbids two templates that differ only in a
     # parameter's name. For PUT the key is the client's transaction id, else the message id.
-    @v1.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+    @v1.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"], responses=ok(SendOut),
              summary="Send a message (key: your transaction id; idempotent)")
     async def send(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
         msg = await node.send(user_id, room_id, key, body.body)
         return {"message_id": msg.message_id, "ts": msg.ts}
 
-    @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"])
+    @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"], responses=ok(HistoryOut))
     async def history(
         request: Request,
         room_id: str,
@@ -291,7 +375,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             "next": page.next,
         }
 
-    @v1.patch("/v1/rooms/{room_id}/messages/{key}", tags=["messages"],
+    @v1.patch("/v1/rooms/{room_id}/messages/{key}", tags=["messages"], responses=ok(SendOut),
                summary="Edit a message (key: its message id; the sender only)")
     async def edit(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
         user_id = await user_of(request)
@@ -310,22 +394,22 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         await node.set_typing(user_id, room_id, body.typing)
         return Response(status_code=204)
 
-    @v1.put("/v1/rooms/{room_id}/read", tags=["presence"])
+    @v1.put("/v1/rooms/{room_id}/read", tags=["presence"], responses=ok(ReadOut))
     async def read(request: Request, room_id: str, body: ReadPut) -> dict:
         user_id = await user_of(request)
         return await node.mark_read(user_id, room_id, body.message_id)
 
-    @v1.get("/v1/read-markers", tags=["presence"])
+    @v1.get("/v1/read-markers", tags=["presence"], responses=ok(ReadMarkersOut))
     async def read_markers(request: Request) -> dict:
         user_id = await user_of(request)
         return {"markers": await node.read_markers(user_id)}
 
-    @v1.put("/v1/presence", tags=["presence"])
+    @v1.put("/v1/presence", tags=["presence"], responses=ok(PresenceOut))
     async def put_presence(request: Request, body: PresencePut) -> dict:
         user_id = await user_of(request)
         return await node.set_presence(user_id, body.status)
 
-    @v1.get("/v1/users/{user_id}/presence", tags=["presence"])
+    @v1.get("/v1/users/{user_id}/presence", tags=["presence"], responses=ok(PresenceOut))
     async def get_presence(request: Request, user_id: str) -> dict:
         await user_of(request)
         return node.get_presence(user_id)
