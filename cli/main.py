@@ -62,7 +62,8 @@ def up(
 def node(
     name: str = typer.Option("node-0", help="A name for logs and status."),
     data_dir: Path = typer.Option(..., "--data-dir", "-d", help="Where this node keeps its identity key."),
-    etcd: str = typer.Option(..., "--etcd", envvar="SMS_ETCD", help="etcd client URL, http://HOST:PORT."),
+    etcd: str = typer.Option(..., "--etcd", envvar="SMS_ETCD",
+                             help="etcd client URL(s), http://HOST:PORT; comma-separate a cluster's members."),
     db: str = typer.Option(..., "--db", envvar="SMS_DB", help="PostgreSQL or CockroachDB DSN."),
     http_port: int = typer.Option(8081, help="HTTP port for REST, WebSocket and the web page."),
     p2p_port: int = typer.Option(4101, help="libp2p TCP port."),
