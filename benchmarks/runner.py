@@ -19,7 +19,7 @@ import trio
 from .cluster import local_cluster, raise_fd_limit
 from .engine import run_point
 from .recorder import Recorder
-from .resources import Group, ResourceMonitor, cluster_groups, wait_for_quiet
+from .resources import Group, ResourceMonitor, cluster_groups, shield, wait_for_quiet
 from .schedule import Workload, client_plan, host_plan
 from .sweep import SweepPolicy, SweepState, verdict
 
@@ -59,7 +59,8 @@ def point_line(system: str, p: dict) -> str:
             f"ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
             f"err={p['send_errors']} notsent={p['not_sent']}  {p['throughput']['deliveries_per_s']:g} deliv/s  "
             f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  runq wait={p.get('runqueue_wait_percent')}%  "
-            f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}"
+            + (f"msgs/frame={p['node_metrics']['messages_per_frame']}  " if p.get("node_metrics") else "")
+            + f"{'HELD' if p['held'] else 'FAILED: ' + '; '.join(p['reasons'])}"
             f"{'  [generator lagged]' if p.get('generator_lagged') else ''}"
             f"{'  [disturbed]' if p.get('disturbed') else ''}")
 
@@ -107,14 +108,15 @@ async def drive(run_rate: Callable[[float, int], Awaitable[dict]], policy: Sweep
                 break
         i += 1
         attempts = []
-        for _ in range(1 + (RETRIES if retries is None else retries)):
+        tries = 1 + (RETRIES if retries is None else retries)
+        for attempt in range(tries):
             if groups is not None:
                 await wait_for_quiet(groups, DISTURBED_PERCENT / 2, QUIET_WAIT_S if quiet_wait_s is None else quiet_wait_s, say)
             attempt_id += 1
             p = await run_rate(rate, attempt_id)
             attempts.append(p)
             other = p.get("other_cpu_percent")
-            if other is None or other <= DISTURBED_PERCENT:
+            if other is None or other <= DISTURBED_PERCENT or attempt == tries - 1:
                 break
             say(point_line(name, p))
             say(f"  disturbed: other processes used {other:.0f}% CPU during that point; repeating it")
@@ -136,6 +138,51 @@ async def drive(run_rate: Callable[[float, int], Awaitable[dict]], policy: Sweep
 
 # -- sms
 
+METRIC_NAMES = ("sms_sends_total", "sms_delivered_total", "sms_frames_published_total", "sms_frames_received_total",
+                "sms_frames_rejected_total", "sms_persist_seconds_sum", "sms_persist_seconds_count")
+
+
+def parse_metrics(text: str, names=METRIC_NAMES) -> dict[str, float]:
+    """Pure: the unlabelled samples named in `names` from Prometheus text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+async def scrape(cluster: dict) -> list[dict[str, float]]:
+    import httpx
+
+    out = []
+    async with httpx.AsyncClient(timeout=5) as http:
+        for n in cluster["nodes"]:
+            try:
+                out.append(parse_metrics((await http.get(n["http"] + "/metrics")).text))
+            except httpx.HTTPError:
+                out.append({})
+    return out
+
+
+def metrics_delta(before: list[dict], after: list[dict]) -> dict:
+    """Cluster-wide counter deltas over a point, and what they mean per message."""
+    tot = {k: sum(a.get(k, 0.0) - b.get(k, 0.0) for a, b in zip(after, before)) for k in METRIC_NAMES}
+    sends, frames = tot["sms_sends_total"], tot["sms_frames_published_total"]
+    return {
+        "sends": int(tot["sms_sends_total"]),
+        "frames_published": int(frames),
+        "frames_received": int(tot["sms_frames_received_total"]),
+        "frames_rejected": int(tot["sms_frames_rejected_total"]),
+        "messages_per_frame": round(sends / frames, 2) if frames else None,
+        "persist_mean_ms": round(1000 * tot["sms_persist_seconds_sum"] / tot["sms_persist_seconds_count"], 2)
+        if tot["sms_persist_seconds_count"] else None,
+    }
+
+
 async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say,
                      users: int | None = None, profile: dict | None = None) -> dict:
     """Runs points against a running cluster. profile={"rate": R, "dir": Path} runs py-spy on node 0
@@ -144,6 +191,8 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
 
     plan = client_plan(workload, len(cluster["nodes"]))
     groups = cluster_groups(cluster)
+    if "_up_pid" in cluster:  # a cluster this run started
+        shield(groups + [Group("sms-up", "launcher", [cluster["_up_pid"]])], say)
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
         transport = SmsTransport(cluster, plan, users=users, say=say)
         say(f"sms: {workload.clients} clients over {len(cluster['nodes'])} nodes, {workload.senders} senders, "
@@ -157,8 +206,11 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
             spy = None
             if profile is not None and (profile.get("rate") is None or abs(profile["rate"] - rate) < 1e-9):
                 spy = start_py_spy(cluster["nodes"][0]["pid"], w, Path(profile["dir"]), f"sms-node0-R{rate:g}")
+            before = await scrape(cluster)
             rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
-            p = point_record(rec, w, mon.result, policy, {"ws_closed": dict(transport.ws_closed)})
+            after = await scrape(cluster)
+            p = point_record(rec, w, mon.result, policy, {"ws_closed": dict(transport.ws_closed),
+                                                          "node_metrics": metrics_delta(before, after)})
             if spy is not None:
                 profiles.append(finish_py_spy(spy, rate))
             await quiet(transport)
@@ -186,6 +238,7 @@ def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | No
                 f"JetStream file storage, publish waits for the PubAck")
             await transport.setup()
             groups = server_pid_groups(server["pid"])
+            shield(groups, say)
 
             async def run_rate(rate: float, i: int) -> dict:
                 w = replace(workload, rate=rate)
@@ -218,6 +271,7 @@ async def gossip_system(workload: Workload, policy: SweepPolicy, rates: list[flo
         await trio.to_thread.run_sync(gc.start)
         groups = [Group(f"host-{i}", "node+generator", [pid]) for i, pid in enumerate(gc.pids)]
         groups.append(Group("generator", "generator", [os.getpid()]))
+        shield(groups, say)
 
         async def run_rate(rate: float, i: int) -> dict:
             w = replace(workload, rate=rate, drain_s=min(workload.drain_s, 3.0))

@@ -19,7 +19,7 @@ from typing import Callable
 import trio
 
 from .engine import run_point
-from .resources import ResourceMonitor, _sample, cluster_groups
+from .resources import Group, ResourceMonitor, _sample, cluster_groups, shield
 from .results import result_doc, write_result
 from .runner import point_line, point_record, quiet, sms_system, with_cluster, work_dir_for, workload_config
 from .schedule import Workload, client_plan
@@ -37,6 +37,8 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
 
     plan = client_plan(w, len(cluster["nodes"]))
     groups = cluster_groups(cluster)
+    if "_up_pid" in cluster:
+        shield(groups + [Group("sms-up", "launcher", [cluster["_up_pid"]])], say)
     policy = SweepPolicy(start_rate=w.rate, max_rate=w.rate)
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
         transport = SmsTransport(cluster, plan, users=users, say=say, setup_concurrency=8, connect_concurrency=100)

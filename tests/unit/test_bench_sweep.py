@@ -97,3 +97,16 @@ def test_recorder_export_merge_round_trip():
     s = merged.summary(1.0, cdf=0)
     assert s["delivered"] == 2 and s["lost"] == 0 and s["not_sent"] == 1
     assert s["delivery_ms"]["max"] == 7.0
+
+
+def test_node_metrics_are_parsed_and_turned_into_messages_per_frame():
+    from sms.benchmarks.runner import metrics_delta, parse_metrics
+
+    text = ("# HELP x\nsms_sends_total 10.0\nsms_frames_published_total 4.0\nsms_sends_created 1.7e9\n"
+            "sms_persist_seconds_sum 0.5\nsms_persist_seconds_count 10.0\nsms_send_errors_total{code=\"x\"} 3.0\n")
+    m = parse_metrics(text)
+    assert m == {"sms_sends_total": 10.0, "sms_frames_published_total": 4.0,
+                 "sms_persist_seconds_sum": 0.5, "sms_persist_seconds_count": 10.0}
+    d = metrics_delta([{}, {}], [m, {"sms_sends_total": 10.0, "sms_frames_published_total": 1.0}])
+    assert d["sends"] == 20 and d["frames_published"] == 5 and d["messages_per_frame"] == 4.0
+    assert d["persist_mean_ms"] == 50.0
