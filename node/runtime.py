@@ -174,7 +174,7 @@ class Node:
     def check_rate(self, user_id: str) -> None:
         """Raises RateLimited (429) when the user is over their share of the cluster-wide limit."""
         if self.limiter is not None:
-            self.limiter.check(user_id, wall_ms(), nodes=max(1, len(self.cache.nodes())))
+            self.limiter.check(user_id, wall_ms(), nodes=max(1, self.cache.node_count()))
 
     # -- accounts
 

@@ -176,6 +176,11 @@ class RegistryCache:
         validator."""
         return peer_id in self._nodes and peer_id not in self._removed
 
+    def node_count(self) -> int:
+        """How many admitted nodes there are; O(number of removed peers), no copies (hot path:
+        every rate-limited request asks)."""
+        return len(self._nodes) - sum(1 for p in self._removed if p in self._nodes)
+
     def nodes(self) -> dict[str, dict]:
         """peer_id -> node info of every admitted node (a deep copy)."""
         return {p: copy.deepcopy(info) for p, info in self._nodes.items() if p not in self._removed}
