@@ -207,5 +207,6 @@ async def test_a_killed_node_restarts_and_its_clients_miss_nothing(cluster: Clus
         print(
             f"\n[plane] every client complete {converge_s:.2f}s after the kill; node 2 healthy again after "
             f"{healthy_s:.2f}s; reconnects {[l.reconnects for l in listeners]}; repaired by gap repair "
-            f"{[s['repaired_messages'] for s in repaired]} messages / {[s['repaired_bytes'] for s in repaired]} bytes"
+            f"{[s['repaired_messages'] for s in repaired]} messages / {[s['repaired_bytes'] for s in repaired]} bytes; "
+            f"sync protocol bytes in/out {[(s['p2p']['sync_bytes_in'], s['p2p']['sync_bytes_out']) for s in repaired]}"
         )
