@@ -26,6 +26,7 @@ from .schedule import Workload, client_plan
 from .sweep import SweepPolicy
 
 Say = Callable[[str], None]
+IDLE_S = 20.0  # conn-scale: measured seconds with every connection open and nobody chatting
 
 
 def _rss_by_group(groups) -> dict[str, float]:
@@ -52,6 +53,20 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
         connect_s = time.monotonic() - t0
         await trio.sleep(3.0)
         after = _rss_by_group(groups)
+        # Idle cost: nobody chats; what do the nodes spend, and what do they push, just holding on?
+        idle_mon = ResourceMonitor(groups)
+        frames0 = transport.frames
+        t_idle = time.monotonic()
+        await idle_mon.window(t_idle, t_idle + IDLE_S)
+        idle_frames = transport.frames - frames0
+        idle = {
+            "seconds": IDLE_S,
+            "frames_pushed_per_s": round(idle_frames / IDLE_S, 1),
+            "node_cpu_percent": {k: v["cpu_percent"] for k, v in idle_mon.result.items() if v.get("role") == "node"},
+            "generator_cpu_percent": idle_mon.result.get("generator", {}).get("cpu_percent"),
+        }
+        say(f"  idle (nobody chatting) for {IDLE_S:g}s: the nodes pushed {idle['frames_pushed_per_s']} frames/s "
+            f"to the clients; node CPU {idle['node_cpu_percent']}")
         await transport.finish()
         memory = {}
         node_delta = 0.0
@@ -81,6 +96,7 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
         "connect_s": round(connect_s, 1),
         "memory": memory,
         "node_kib_per_connection": round(per_conn_node_kb, 2),
+        "idle": idle,
         "generator_kib_per_connection": round(gen_kb, 2),
     }
 

@@ -50,6 +50,7 @@ class SmsTransport:
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
         self.ws_open = 0
+        self.connect_retries = 0
         self.ws_closed: dict[str, int] = {}
         self.frames = 0
 
@@ -132,42 +133,52 @@ class SmsTransport:
         async def connect(c: int) -> None:
             acc = self.accounts[self.account_of(c)]
             url = self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://") + f"/v1/events?token={acc.token}"
-            await connected.acquire()
-            released = False
-            try:
-                async with open_websocket_url(url, connect_timeout=60, message_queue_size=4096) as ws:
-                    self.ws_open += 1
-                    connected.release()
-                    released = True
-                    try:
-                        while True:
-                            text = await ws.get_message()
-                            t = clock()
-                            self.frames += 1
-                            sink = self.sink
-                            if sink is not None:
-                                try:
-                                    body = json.loads(text).get("body")
-                                except (ValueError, AttributeError):
-                                    continue
-                                if isinstance(body, str):
-                                    sink(c, body, t)
-                    finally:
-                        self.ws_open -= 1
-            except ConnectionClosed as exc:
-                code = str(getattr(exc.reason, "code", "?"))
-                self.ws_closed[code] = self.ws_closed.get(code, 0) + 1
-            except (OSError, trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - reported below
-                failures.append(exc)
-            finally:
-                if not released:
-                    connected.release()
+            for attempt in range(3):  # a handshake that timed out under load is tried again
+                await connected.acquire()
+                released = False
+                try:
+                    async with open_websocket_url(url, connect_timeout=60, message_queue_size=4096) as ws:
+                        self.ws_open += 1
+                        connected.release()
+                        released = True
+                        try:
+                            while True:
+                                text = await ws.get_message()
+                                t = clock()
+                                self.frames += 1
+                                sink = self.sink
+                                if sink is not None:
+                                    try:
+                                        body = json.loads(text).get("body")
+                                    except (ValueError, AttributeError):
+                                        continue
+                                    if isinstance(body, str):
+                                        sink(c, body, t)
+                        finally:
+                            self.ws_open -= 1
+                except ConnectionClosed as exc:
+                    code = str(getattr(exc.reason, "code", "?"))
+                    self.ws_closed[code] = self.ws_closed.get(code, 0) + 1
+                    return
+                except (OSError, trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - reported below
+                    if released or attempt == 2:
+                        failures.append(exc)
+                        return
+                    self.connect_retries += 1
+                finally:
+                    if not released:
+                        connected.release()
 
         for c in range(self.plan.clients):
             nursery.start_soon(connect, c)
-        with trio.move_on_after(300):
+        last_say = clock()
+        with trio.move_on_after(900):
             while self.ws_open + len(failures) + sum(self.ws_closed.values()) < self.plan.clients:
                 await trio.sleep(0.05)
+                if clock() - last_say > 10:
+                    last_say = clock()
+                    self.say(f"  ... {self.ws_open} WebSockets open after {clock() - t1:.0f}s "
+                             f"({self.connect_retries} handshakes retried, {len(failures)} failed)")
         if self.ws_open < self.plan.clients:
             raise RuntimeError(f"only {self.ws_open} of {self.plan.clients} WebSockets opened; "
                                f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
@@ -201,9 +212,16 @@ class SmsTransport:
         try:
             for k, room_id in enumerate(self.room_ids):
                 a = self.accounts[self.account_of(self.plan.members(k)[0])]
-                r = await http.put(self.nodes[a.node] + f"/v1/rooms/{room_id}/messages/probe-{self.tag}-{k}",
-                                   json={"body": f"probe-{self.tag}-{k}"}, headers={"Authorization": f"Bearer {a.token}"})
-                r.raise_for_status()
+                for attempt in range(3):  # idempotent on the txn id; a kept-alive connection may be stale
+                    try:
+                        r = await http.put(self.nodes[a.node] + f"/v1/rooms/{room_id}/messages/probe-{self.tag}-{k}",
+                                           json={"body": f"probe-{self.tag}-{k}"},
+                                           headers={"Authorization": f"Bearer {a.token}"})
+                        r.raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
             with trio.move_on_after(timeout_s):
                 while any(got[b] != want[b] for b in want):
                     await trio.sleep(0.05)
