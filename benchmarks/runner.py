@@ -8,7 +8,7 @@ import os
 import subprocess
 import tempfile
 import time
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -20,7 +20,7 @@ from .cluster import local_cluster, raise_fd_limit
 from .engine import run_point
 from .recorder import Recorder
 from .resources import Group, ResourceMonitor, cluster_groups, shield, wait_for_quiet
-from .schedule import Workload, client_plan, host_plan
+from .schedule import Workload, client_plan
 from .sweep import SweepPolicy, SweepState, verdict
 
 Say = Callable[[str], None]
@@ -335,7 +335,6 @@ def load_cluster(path: Path) -> dict:
 
 def with_cluster(cluster_file: Path | None, nodes: int, work_dir: Path, say: Say):
     """A context manager yielding cluster info: the given cluster.json, or a fresh `sms up`."""
-    stack = ExitStack()
     if cluster_file is not None:
         info = load_cluster(cluster_file)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +26,23 @@ from .sweep import SweepPolicy
 
 Say = Callable[[str], None]
 IDLE_S = 20.0  # conn-scale: measured seconds with every connection open and nobody chatting
+PROBE_BUDGET_S = 180.0  # conn-scale: give up on the measured point if the probe takes longer
+
+
+async def _healthz_ms(cluster: dict) -> list[float | None]:
+    """How long each node takes to answer GET /healthz: its event loop's responsiveness."""
+    import httpx
+
+    out: list[float | None] = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        for n in cluster["nodes"]:
+            t0 = time.monotonic()
+            try:
+                await http.get(n["http"] + "/healthz")
+                out.append(round(1000 * (time.monotonic() - t0), 1))
+            except httpx.HTTPError:
+                out.append(None)
+    return out
 
 
 def _rss_by_group(groups) -> dict[str, float]:
@@ -53,21 +69,6 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
         connect_s = time.monotonic() - t0
         await trio.sleep(3.0)
         after = _rss_by_group(groups)
-        # Idle cost: nobody chats; what do the nodes spend, and what do they push, just holding on?
-        idle_mon = ResourceMonitor(groups)
-        frames0 = transport.frames
-        t_idle = time.monotonic()
-        await idle_mon.window(t_idle, t_idle + IDLE_S)
-        idle_frames = transport.frames - frames0
-        idle = {
-            "seconds": IDLE_S,
-            "frames_pushed_per_s": round(idle_frames / IDLE_S, 1),
-            "node_cpu_percent": {k: v["cpu_percent"] for k, v in idle_mon.result.items() if v.get("role") == "node"},
-            "generator_cpu_percent": idle_mon.result.get("generator", {}).get("cpu_percent"),
-        }
-        say(f"  idle (nobody chatting) for {IDLE_S:g}s: the nodes pushed {idle['frames_pushed_per_s']} frames/s "
-            f"to the clients; node CPU {idle['node_cpu_percent']}")
-        await transport.finish()
         memory = {}
         node_delta = 0.0
         for g in groups:
@@ -81,16 +82,45 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
         gen_kb = (after["generator"] - before["generator"]) / w.clients / 1024
         say(f"  node memory per connection: {per_conn_node_kb:.1f} KiB; generator: {gen_kb:.1f} KiB; "
             f"connect time {connect_s:.1f}s")
-        mon = ResourceMonitor(groups)
-        rec = await run_point(transport, plan, w, 1, run_tag=transport.tag, window=mon.window)
-        p = point_record(rec, w, mon.result, policy, {"ws_open_at_end": transport.ws_open,
-                                                      "ws_closed": dict(transport.ws_closed)})
-        say(point_line("sms", p))
-        await quiet(transport)
+        # Idle cost: nobody chats; what do the nodes spend, and what do they push, just holding on?
+        idle_mon = ResourceMonitor(groups)
+        frames0 = transport.frames
+        t_idle = time.monotonic()
+        await idle_mon.window(t_idle, t_idle + IDLE_S)
+        idle_frames = transport.frames - frames0
+        idle = {
+            "seconds": IDLE_S,
+            "frames_pushed_per_s": round(idle_frames / IDLE_S, 1),
+            "node_cpu_percent": {k: v["cpu_percent"] for k, v in idle_mon.result.items() if v.get("role") == "node"},
+            "generator_cpu_percent": idle_mon.result.get("generator", {}).get("cpu_percent"),
+            "healthz_ms": await _healthz_ms(cluster),
+        }
+        say(f"  idle (nobody chatting) for {IDLE_S:g}s: the nodes pushed {idle['frames_pushed_per_s']} frames/s "
+            f"to the clients; node CPU {idle['node_cpu_percent']}; GET /healthz took {idle['healthz_ms']} ms")
+        points = []
+        failure = None
+        with trio.move_on_after(PROBE_BUDGET_S) as scope:
+            try:
+                await transport.finish()
+            except Exception as exc:  # noqa: BLE001 - reported in the result
+                failure = f"probe failed: {exc!r}"[:500]
+        if scope.cancelled_caught:
+            failure = f"the probe (one message per room, all members must receive it) did not finish in {PROBE_BUDGET_S:g}s"
+        if failure is None:
+            mon = ResourceMonitor(groups)
+            rec = await run_point(transport, plan, w, 1, run_tag=transport.tag, window=mon.window)
+            p = point_record(rec, w, mon.result, policy, {"ws_open_at_end": transport.ws_open,
+                                                          "ws_closed": dict(transport.ws_closed)})
+            say(point_line("sms", p))
+            points.append(p)
+            await quiet(transport)
+        else:
+            say(f"  no measured point: {failure}")
         await transport.aclose()
         nursery.cancel_scope.cancel()
     return {
-        "points": [p],
+        "points": points,
+        "failure": failure,
         "connections": w.clients,
         "accounts": users,
         "connect_s": round(connect_s, 1),
