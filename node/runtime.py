@@ -577,9 +577,14 @@ class Node:
         return {"status": status, "ts": ts}
 
     def _presence_changed(self, user_id: str, status: str, ts: int, origin: str) -> None:
+        now = wall_ms()
+        before, _ = self.presence.status(user_id, now)
         if self.presence.update(user_id, status, ts, origin):
             self._offline_reported.discard(user_id)
-            self._tell_co_members(user_id, {"type": "presence", "user_id": user_id, "status": status, "ts": ts})
+            # A refresh that keeps the status is not news: telling every co-member's connection
+            # every 8 s was a storm with thousands of connections.
+            if self.presence.status(user_id, now)[0] != before:
+                self._tell_co_members(user_id, {"type": "presence", "user_id": user_id, "status": status, "ts": ts})
 
     def _tell_co_members(self, user_id: str, event: dict) -> None:
         users = {user_id}

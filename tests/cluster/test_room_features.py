@@ -94,8 +94,9 @@ async def test_presence_and_a_dead_nodes_users_going_offline(cluster: ClusterPro
             while event["user_id"] != carol_id:
                 event = await next_event(ws, "presence")
             assert event["status"] == "away"
-            got = (await http.get(cluster.http(2) + f"/v1/users/{carol_id}/presence", headers=auth(alice))).json()
-            assert got["status"] == "away"
+            with trio.fail_after(10):  # presence is eventual: node 2 hears it over gossip
+                while (await http.get(cluster.http(2) + f"/v1/users/{carol_id}/presence", headers=auth(alice))).json()["status"] != "away":
+                    await trio.sleep(0.1)
             bad = await http.put(cluster.http(1) + "/v1/presence", json={"status": "asleep"}, headers=auth(carol))
             assert bad.status_code == 400
 
