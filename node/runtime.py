@@ -286,9 +286,12 @@ class Node:
         if change.kind == "session" and change.deleted:
             self.on_session_ended(change.key[0])
             return
-        if change.kind != "member" or not change.deleted:
+        if change.kind != "member":
             return
         room_id, user_id = change.key
+        if not change.deleted:
+            self._introduce(room_id, user_id)
+            return
         if self.cache.room(room_id) is None:
             self.hub.send_to_user(user_id, {"type": "room_deleted", "room_id": room_id})
         else:
@@ -585,6 +588,36 @@ class Node:
             # every 8 s was a storm with thousands of connections.
             if self.presence.status(user_id, now)[0] != before:
                 self._tell_co_members(user_id, {"type": "presence", "user_id": user_id, "status": status, "ts": ts})
+
+    def _introduce(self, room_id: str, newcomer: str) -> None:
+        """A new member and the room's members learn each other's presence (presence events go
+        only to co-members, and refreshes that change nothing send none)."""
+        now = wall_ms()
+        members = list(self.cache.members(room_id))
+        status, ts = self.presence.status(newcomer, now)
+        if status != "offline":
+            event = {"type": "presence", "user_id": newcomer, "status": status, "ts": ts}
+            for member in members:
+                self.hub.send_to_user(member, event)
+        for member in members:
+            status, ts = self.presence.status(member, now)
+            if member != newcomer and status != "offline":
+                self.hub.send_to_user(newcomer, {"type": "presence", "user_id": member, "status": status, "ts": ts})
+
+    def co_member_presence(self, user_id: str) -> list[dict]:
+        """Presence events for everyone who shares a room with `user_id` and is not offline: what
+        a newly connected client needs to show who is online without waiting for changes."""
+        now = wall_ms()
+        others: set[str] = set()
+        for room, _ in self.cache.rooms_of(user_id):
+            others.update(self.cache.members(room.room_id))
+        others.discard(user_id)
+        events = []
+        for other in sorted(others):
+            status, ts = self.presence.status(other, now)
+            if status != "offline":
+                events.append({"type": "presence", "user_id": other, "status": status, "ts": ts})
+        return events
 
     def _tell_co_members(self, user_id: str, event: dict) -> None:
         users = {user_id}

@@ -468,6 +468,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     sub.tracker.copy_rooms(node.tracker, fresh)
                     for message in await node.catch_up(resume, rooms - fresh):
                         await push({"type": "message", **message.to_client(), "_origin": message.origin, "_seq": message.seq})
+                for event in node.co_member_presence(user_id):
+                    await push(event)
                 async for event in sub.receive:
                     await push(event)
                 if sub.overflowed:
