@@ -50,6 +50,9 @@ class Hub:
                 del self._by_user[sub.user_id]
         sub.send.close()
 
+    def users(self) -> list[str]:
+        return list(self._by_user)
+
     @property
     def connections(self) -> int:
         return sum(len(s) for s in self._by_user.values())

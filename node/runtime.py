@@ -156,6 +156,7 @@ class Node:
     _repair_wanted: trio.Event = field(default_factory=trio.Event)
     repaired: int = 0
     repaired_bytes: int = 0
+    _active_rooms: set[str] = field(default_factory=set)  # rooms with traffic since the last check
     synced: int = 0
     presence: Presence = field(default_factory=Presence)
     typing: Typing = field(default_factory=Typing)
@@ -360,6 +361,7 @@ class Node:
     def _deliver(self, messages) -> None:
         self.metrics.delivered.inc(len(messages))
         for m in messages:
+            self._active_rooms.add(m.room_id)
             self.tracker.add(m.room_id, m.origin, m.seq)
             if self.tracker.has_gaps(m.room_id):
                 self._repair_wanted.set()
@@ -427,16 +429,22 @@ class Node:
                 log.warning("retention purge failed: %s", err.message)
             await trio.sleep(every_s)
 
+    def hub_rooms(self) -> set[str]:
+        """Rooms that some client connected to this node is a member of."""
+        return {room.room_id for user in self.hub.users() for room, _ in self.cache.rooms_of(user)}
+
     async def serve_repair(self, period_s: float = 3.0) -> None:
         """Anti-entropy against history.
 
         - A gap (a later sequence arrived first) that is still open 0.5 s later is pulled at once.
-        - Every `period_s`, each room's history vector is compared with what was delivered; an
-          origin still behind what history held one period ago is pulled. That covers a lost tail
+        - Every `period_s`, a room's history vector is compared with what was delivered (rooms with
+          traffic, with local clients or still behind; all rooms every fifth period); an origin
+          still behind what history held one period ago is pulled. That covers a lost tail
           (no later frame to reveal the gap), a peer that was unreachable and a restart, without
           pulling what gossip is merely still carrying under load.
         """
         held_before: dict[tuple[str, str], int] = {}
+        tick = 0
         while True:
             woken_by_gap = False
             with trio.move_on_after(period_s):
@@ -444,9 +452,23 @@ class Node:
                 woken_by_gap = True
                 await trio.sleep(0.5)  # a gap usually closes by itself: frames overtake each other
             self._repair_wanted = trio.Event()
+            # The periodic check looks at the rooms that matter now: those with traffic since the
+            # last check, those a local client is in, and those still behind; every fifth time at
+            # every room. Idle rooms without local clients then cost no queries in between.
+            if not woken_by_gap:
+                tick += 1
+            active, self._active_rooms = self._active_rooms, set()
+            if tick % 5 == 1:
+                watched = None  # every room
+            else:
+                watched = active | self.hub_rooms() | {
+                    r for (r, o), upto in held_before.items() if upto > self.tracker.contiguous(r, o)
+                }
             try:
                 for room in self.cache.all_rooms():
                     room_id = room.room_id
+                    if not woken_by_gap and watched is not None and room_id not in watched:
+                        continue
                     if woken_by_gap:
                         if self.tracker.has_gaps(room_id):
                             await self.repair_room(room_id)
