@@ -191,3 +191,41 @@ async def test_fuzzed_frames_from_an_admitted_peer_are_rejected_and_penalised(cl
         assert sum(a["p2p"]["cut_offs"] - b["cut_offs"] for a, b in zip(after, before)) >= 1
         scores = [a["peer_scores"][rogue.node.peer_id] for a in after if rogue.node.peer_id in a["peer_scores"]]
         assert all(score < 0 for score in scores)
+
+
+async def test_an_admitted_node_publishing_for_a_user_without_a_session_reaches_no_client(cluster: ClusterProcess) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        room, users = await setup_room(cluster, http)
+        (_, alice), (bob_id, bob), (_, carol) = users
+        # Bob is a member of the room but logs out: he has no session anywhere.
+        assert (await http.delete(cluster.http(1) + "/v1/sessions/current", headers={"Authorization": f"Bearer {bob}"})).status_code == 204
+        rogue = Rogue(cluster, secret=cluster_secret(cluster))
+        registry = await EtcdRegistry.connect(cluster.info["etcd"])
+        try:
+            await registry.register_node(rogue.node.peer_id, {"name": "impostor"}, 30)
+            rejected_before = sum([(await status(cluster, i))["p2p"]["frames_rejected"] for i in range(3)])
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rogue.node.serve)
+                await rogue.node.join_room(room)
+                async with open_websocket_url(cluster.ws(2) + f"/v1/events?token={carol}") as ws:
+                    await trio.sleep(2)
+                    forged = Message(message_id_for(room, bob_id, "ghost"), room, bob_id, "a ghost writes", 1 << 16,
+                                     "ghost", rogue.node.peer_id, 1, 1)
+                    await rogue.node.publish(room, encode_frame(room, rogue.node.peer_id, [forged]))
+                    r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/real", json={"body": "real"},
+                                       headers={"Authorization": f"Bearer {alice}"})
+                    assert r.status_code == 200
+                    bodies = []
+                    with trio.move_on_after(3):
+                        while True:
+                            event = json.loads(await ws.get_message())
+                            if event["type"] == "message":
+                                bodies.append(event["body"])
+                    assert bodies == ["real"]
+                nursery.cancel_scope.cancel()
+        finally:
+            await registry.close()
+        history = (await http.get(cluster.http(0) + f"/v1/rooms/{room}/messages", headers={"Authorization": f"Bearer {alice}"})).json()
+        assert [m["body"] for m in history["messages"]] == ["real"]
+        # It was the validators that stopped it (the impostor was admitted, so the frame arrived).
+        assert sum([(await status(cluster, i))["p2p"]["frames_rejected"] for i in range(3)]) > rejected_before
