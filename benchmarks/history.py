@@ -544,7 +544,6 @@ def report(p: dict) -> None:
 
 def run_sends(args: argparse.Namespace) -> dict:
     points: list[dict] = []
-    bound = dict(duration=args.duration, warmup=args.warmup, max_sends=args.max_sends)
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="sms-bench-history-") as tmp:
         if "sql" in args.layers:

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, List, NoReturn, Optional
+from typing import Annotated, Any, Callable, List, NoReturn, Optional
 
 import httpx
 import typer

@@ -75,7 +75,7 @@ from .core.rooms import (
     RoomCore,
     SendRequested,
 )
-from .errors import BadRequest, Conflict, Forbidden, NotFound, PeerError, SmsError, Unauthorized, Unavailable
+from .errors import BadRequest, Forbidden, NotFound, PeerError, SmsError, Unauthorized, Unavailable
 from .hub import Hub
 from .passwords import hash_password, verify_password
 from .ports import History, Registry

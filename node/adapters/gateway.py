@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.websockets import WebSocketDisconnect
 
 from ..core.delivery import decode_cursor, encode_cursor
-from ..errors import BadRequest, PayloadTooLarge, RateLimited, SmsError, Unauthorized
+from ..errors import BadRequest, RateLimited, SmsError, Unauthorized
 from ..runtime import token_hash
 
 log = logging.getLogger("sms.gateway")

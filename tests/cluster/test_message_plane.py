@@ -84,7 +84,7 @@ class Listener:
                         if event["type"] == "message":
                             self.events.append(event)
                             self.cursor = event["cursor"]
-            except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:  # noqa: PERF203
+            except (ConnectionClosed, OSError, trio.BrokenResourceError):  # noqa: PERF203
                 self.reconnects += 1
                 attempt += 1
                 await trio.sleep(0.2)
