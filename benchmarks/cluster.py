@@ -4,8 +4,6 @@ that process (by PID) afterwards."""
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import socket
 import subprocess
@@ -15,23 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+from sms.bootstrap.ports import free_port_block
 
 
-def free_port_block(n: int) -> int:
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(500):
-        base = rng.randrange(20000, 45000)
-        if all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free block of loopback ports")
 
 
 def free_port() -> int:

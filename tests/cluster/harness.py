@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,24 +14,9 @@ from typing import Iterator
 
 import httpx
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+from sms.bootstrap.ports import free_port_block
 
 
-def free_port_block(n: int) -> int:
-    """A base port such that base..base+n-1 are all free on 127.0.0.1."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        base = rng.randrange(10000, 30000)  # below the kernel's ephemeral range (32768+)
-        if all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free block of loopback ports")
 
 
 @dataclass
