@@ -27,6 +27,7 @@ class ClusterProcess:
     proc: subprocess.Popen | None = None
     info: dict | None = None
     output_path: Path | None = None
+    etcd_members: int = 1
 
     def start(self, timeout_s: float = 120) -> dict:
         cluster_json = self.data_dir / "cluster.json"
@@ -38,6 +39,7 @@ class ClusterProcess:
             "--data-dir", str(self.data_dir),
             "--http-port", str(self.ports["http"]), "--p2p-port", str(self.ports["p2p"]),
             "--etcd-port", str(self.ports["etcd"]), "--pg-port", str(self.ports["pg"]),
+            "--etcd-members", str(self.etcd_members),
         ]
         with open(self.output_path, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -77,9 +79,10 @@ class ClusterProcess:
         return self.http(i).replace("http://", "ws://")
 
 
-def allocate_ports(nodes: int) -> dict[str, int]:
-    base = free_port_block(2 * nodes + 4)
-    return {"http": base, "p2p": base + nodes, "etcd": base + 2 * nodes, "pg": base + 2 * nodes + 2}
+def allocate_ports(nodes: int, etcd_members: int = 1) -> dict[str, int]:
+    """HTTP and libp2p ports for each node, two per etcd member (client, peer), one for PostgreSQL."""
+    base = free_port_block(2 * nodes + 2 * etcd_members + 1)
+    return {"http": base, "p2p": base + nodes, "etcd": base + 2 * nodes, "pg": base + 2 * nodes + 2 * etcd_members}
 
 
 @contextmanager

@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import psutil
 import pytest
 import trio
 
-from .harness import ClusterProcess, free_port_block
+from .harness import ClusterProcess, allocate_ports
 from .linearizability import Op, admin_count, check_linearizable, membership_step, rooms_step
 
 PASSWORD = "correct horse battery"
@@ -44,30 +43,6 @@ class EtcdClusterProcess(ClusterProcess):
     etcd_members: int = ETCD_MEMBERS
     adopted: list[subprocess.Popen] = field(default_factory=list)  # etcd members this module restarted
 
-    def start(self, timeout_s: float = 120) -> dict:
-        cluster_json = self.data_dir / "cluster.json"
-        cluster_json.unlink(missing_ok=True)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.output_path = self.data_dir / f"up-{time.monotonic_ns()}.log"
-        cmd = [
-            sys.executable, "-m", "sms.cli.main", "up", "--nodes", str(self.nodes),
-            "--data-dir", str(self.data_dir), "--etcd-members", str(self.etcd_members),
-            "--http-port", str(self.ports["http"]), "--p2p-port", str(self.ports["p2p"]),
-            "--etcd-port", str(self.ports["etcd"]), "--pg-port", str(self.ports["pg"]),
-        ]
-        with open(self.output_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while not cluster_json.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sms up exited {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"sms up not ready after {timeout_s}s:\n{self.output()}")
-            time.sleep(0.1)
-        self.info = json.loads(cluster_json.read_text())
-        return self.info
-
     def member_dir(self, i: int) -> Path:
         return self.data_dir.resolve() / f"etcd-{self.etcd_members}" / f"sms-etcd-{i}"
 
@@ -83,11 +58,6 @@ class EtcdClusterProcess(ClusterProcess):
             if wanted in (proc.info["cmdline"] or []):
                 return proc
         return None
-
-
-def allocate_ports(nodes: int, etcd_members: int) -> dict[str, int]:
-    base = free_port_block(2 * nodes + 2 * etcd_members + 1)
-    return {"http": base, "p2p": base + nodes, "etcd": base + 2 * nodes, "pg": base + 2 * nodes + 2 * etcd_members}
 
 
 def stop_own(proc: subprocess.Popen, timeout_s: float = 5) -> None:
