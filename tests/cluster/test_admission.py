@@ -47,6 +47,17 @@ class Rogue:
         )
 
 
+async def message_bodies(ws, seconds: float) -> list[str]:
+    """The bodies of every message event a WebSocket receives within `seconds`."""
+    bodies = []
+    with trio.move_on_after(seconds):
+        while True:
+            event = json.loads(await ws.get_message())
+            if event["type"] == "message":
+                bodies.append(event["body"])
+    return bodies
+
+
 async def status(cluster: ClusterProcess, i: int) -> dict:
     async with httpx.AsyncClient(timeout=10) as http:
         return (await http.get(cluster.http(i) + "/v1/status")).json()
@@ -90,12 +101,7 @@ async def test_an_unregistered_peer_with_the_key_gets_nothing_and_injects_nothin
                 r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/real", json={"body": "real"},
                                    headers={"Authorization": f"Bearer {users[0][1]}"})
                 assert r.status_code == 200
-                bodies = []
-                with trio.move_on_after(3):
-                    while True:
-                        event = json.loads(await ws.get_message())
-                        if event["type"] == "message":
-                            bodies.append(event["body"])
+                bodies = await message_bodies(ws, 3)
             assert bodies == ["real"]
             assert rogue.frames == []
             nursery.cancel_scope.cancel()
@@ -215,12 +221,7 @@ async def test_an_admitted_node_publishing_for_a_user_without_a_session_reaches_
                     r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/real", json={"body": "real"},
                                        headers={"Authorization": f"Bearer {alice}"})
                     assert r.status_code == 200
-                    bodies = []
-                    with trio.move_on_after(3):
-                        while True:
-                            event = json.loads(await ws.get_message())
-                            if event["type"] == "message":
-                                bodies.append(event["body"])
+                    bodies = await message_bodies(ws, 3)
                     assert bodies == ["real"]
                 nursery.cancel_scope.cancel()
         finally:
