@@ -37,16 +37,18 @@ def raise_fd_limit() -> int:
 
 @contextmanager
 def local_cluster(nodes: int, work_dir: Path, say: Callable[[str], None] = print,
-                  timeout_s: float = 180.0) -> Iterator[dict]:
-    """Yields cluster.json's content for a fresh `sms up --nodes N` under work_dir; SIGINT on exit."""
+                  timeout_s: float = 180.0, etcd_members: int = 1) -> Iterator[dict]:
+    """Yields cluster.json's content for a fresh `sms up --nodes N --etcd-members M` under
+    work_dir; SIGINT on exit."""
     data_dir = work_dir / f"cluster-{nodes}n-{time.strftime('%H%M%S')}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    base = free_port_block(2 * nodes + 4)
-    ports = {"http": base, "p2p": base + nodes, "etcd": base + 2 * nodes, "pg": base + 2 * nodes + 2}
+    base = free_port_block(2 * nodes + 2 * etcd_members + 1)
+    ports = {"http": base, "p2p": base + nodes, "etcd": base + 2 * nodes, "pg": base + 2 * nodes + 2 * etcd_members}
     cmd = [
         sys.executable, "-m", "sms.cli.main", "up", "--nodes", str(nodes), "--data-dir", str(data_dir),
         "--http-port", str(ports["http"]), "--p2p-port", str(ports["p2p"]),
-        "--etcd-port", str(ports["etcd"]), "--pg-port", str(ports["pg"]), "--log-level", "warning",
+        "--etcd-port", str(ports["etcd"]), "--etcd-members", str(etcd_members),
+        "--pg-port", str(ports["pg"]), "--log-level", "warning",
     ]
     log_path = data_dir / "up.log"
     say(f"starting `sms up --nodes {nodes}` in {data_dir} (log: {log_path})")

@@ -28,20 +28,17 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import httpx
 import typer
 
-from .cluster import free_port_block, raise_fd_limit
+from .cluster import local_cluster
 from .results import environment
 from .stats import summarize_ms
 
@@ -53,45 +50,6 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
 
 # -- the cluster ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def fresh_cluster(work_dir: Path, nodes: int, etcd_members: int, say: Callable[[str], None]) -> Iterator[dict]:
-    """`sms up --nodes N --etcd-members M` under work_dir; yields cluster.json; SIGINT to its PID on exit."""
-    data_dir = work_dir / f"consensus-{time.strftime('%H%M%S')}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    base = free_port_block(2 * nodes + 2 * etcd_members + 1)
-    cmd = [
-        sys.executable, "-m", "sms.cli.main", "up", "--nodes", str(nodes), "--data-dir", str(data_dir),
-        "--http-port", str(base), "--p2p-port", str(base + nodes),
-        "--etcd-port", str(base + 2 * nodes), "--etcd-members", str(etcd_members),
-        "--pg-port", str(base + 2 * nodes + 2 * etcd_members), "--log-level", "warning",
-    ]
-    log_path = data_dir / "up.log"
-    say(f"starting `sms up --nodes {nodes} --etcd-members {etcd_members}` in {data_dir}")
-    raise_fd_limit()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        t0 = time.monotonic()
-        cluster_json = data_dir / "cluster.json"
-        while not cluster_json.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"sms up exited {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() - t0 > 180:
-                raise RuntimeError(f"sms up not ready after 180 s; see {log_path}")
-            time.sleep(0.2)
-        info = json.loads(cluster_json.read_text())
-        say(f"cluster up in {time.monotonic() - t0:.1f}s; etcd {info['etcd']}")
-        yield info
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # -- over HTTP ------------------------------------------------------------------------------------
@@ -371,7 +329,7 @@ def main(
     in_process = in_process_benchmarks(opts, say)
     with tempfile.TemporaryDirectory(prefix="sms-consensus-") as tmp:
         base = Path(work_dir) if work_dir else Path(tmp)
-        with fresh_cluster(base, nodes, etcd_members, say) as info:
+        with local_cluster(nodes, base, say, etcd_members=etcd_members) as info:
             http = http_benchmarks(info, opts, say)
     doc = {
         "schema": SCHEMA,
