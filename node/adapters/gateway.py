@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 from fastapi import APIRouter, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -30,10 +31,63 @@ MAX_REQUEST_BYTES = 256 * 1024
 STATIC = Path(__file__).parent / "static"
 WS_CLOSE_POLICY = 1008
 WS_CLOSE_TRY_AGAIN = 1013
+WS_MAX_IN_FLIGHT = 256   # sends over one events socket being processed at once; beyond, we stop reading
+WS_BATCH_MAX = 256       # events in one batch frame at most (batch=1)
+INTERNAL = ("internal", "internal error; it has been logged")
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict:
     return {"error": {"code": code, "message": message, **extra}}
+
+
+def sms_error(exc: SmsError) -> tuple[int, dict]:
+    """The status and body an SmsError is answered with, over REST and on the events socket."""
+    extra = {"retry_after_ms": exc.retry_after_ms} if isinstance(exc, RateLimited) else {}
+    return exc.status, error_body(exc.code, exc.message, **extra)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON text (orjson on the hot path). orjson refuses what json writes as escapes
+    (a lone surrogate in a string) or would lose (ints beyond 64 bits): those go through json."""
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(obj, separators=(",", ":"))
+
+
+def parse_send_frame(data: str | bytes | None) -> tuple[dict | None, dict | None]:
+    """A client's frame on the events socket -> (send request, None) or (None, the 400 error event
+    to answer it with). Pure."""
+    try:
+        frame = orjson.loads(data) if data is not None else None
+    except orjson.JSONDecodeError:
+        return None, ws_error(BadRequest("the frame is not valid JSON", code="bad_json"))
+    if not isinstance(frame, dict):
+        return None, ws_error(BadRequest("a frame must be a JSON object"))
+    txn_id, room_id = frame.get("txn_id"), frame.get("room_id")
+    txn_id = txn_id if isinstance(txn_id, str) else None
+    room_id = room_id if isinstance(room_id, str) else None
+    kind = frame.get("type")
+    if kind != "send":
+        what = f"unknown frame type {kind!r}" if isinstance(kind, str) else "a frame needs a string \"type\""
+        return None, ws_error(BadRequest(f"{what}; clients may send only \"send\""[:300]), txn_id, room_id)
+    missing = [f for f in ("room_id", "txn_id", "body") if not isinstance(frame.get(f), str)]
+    if missing:
+        return None, ws_error(BadRequest(f"a send needs string fields {', '.join(missing)}"), txn_id, room_id)
+    return {"room_id": room_id, "txn_id": txn_id, "body": frame["body"]}, None
+
+
+def ws_error(err: SmsError, txn_id: str | None = None, room_id: str | None = None) -> dict:
+    """The error event answering a client's frame: the REST error body plus the status."""
+    status, body = sms_error(err)
+    event: dict[str, Any] = {"type": "error"}
+    if txn_id is not None:
+        event["txn_id"] = txn_id
+    if room_id is not None:
+        event["room_id"] = room_id
+    event["status"] = status
+    event.update(body)
+    return event
 
 
 class ErrorDetail(BaseModel):
@@ -224,8 +278,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
     @app.exception_handler(SmsError)
     async def _sms_error(request: Request, exc: SmsError) -> JSONResponse:
-        extra = {"retry_after_ms": exc.retry_after_ms} if isinstance(exc, RateLimited) else {}
-        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
+        status, body = sms_error(exc)
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -256,7 +310,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         # Our own bug: logged with its traceback, answered in the documented error shape.
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal", "internal error; it has been logged"), 500)
+        return JSONResponse(error_body(*INTERNAL), 500)
 
     app.add_middleware(BodyCap)
 
@@ -354,8 +408,14 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     @v1.put("/v1/rooms/{room_id}/messages/{key}", tags=["messages"], responses=ok(SendOut),
              summary="Send a message (key: your transaction id; idempotent)")
     async def send(request: Request, room_id: str, key: str, body: MessagePut) -> dict:
-        user_id = await user_of(request)
-        msg = await node.send(user_id, room_id, key, body.body)
+        return await send_message(bearer(request), room_id, key, body.body)
+
+    async def send_message(token: str | None, room_id: str, txn_id: str, body: object) -> dict:
+        """A send, as PUT /v1/rooms/{room_id}/messages/{txn_id} and a "send" frame on the events
+        socket both do it: authenticate, rate limit, then the node (membership, idempotency)."""
+        user_id = await node.authenticate(token)
+        node.check_rate(user_id)
+        msg = await node.send(user_id, room_id, txn_id, body)
         return {"message_id": msg.message_id, "ts": msg.ts}
 
     @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"], responses=ok(HistoryOut))
@@ -417,7 +477,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     # -- events
 
     @app.websocket("/v1/events")
-    async def events(ws: WebSocket, token: str | None = None, since: str | None = None) -> None:
+    async def events(ws: WebSocket, token: str | None = None, since: str | None = None,
+                     batch: str | None = None) -> None:
         origin = ws.headers.get("origin")
         if origin is not None and not origin_allowed(origin, ws.headers.get("host", "")):
             # A page from another site must not ride a user's token into their chat.
@@ -432,52 +493,135 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         except SmsError as err:
             await ws.close(code=WS_CLOSE_TRY_AGAIN, reason=err.message[:120])
             return
+        batched = batch in ("1", "true")
         await ws.accept()
         # Subscribe first, so nothing that arrives during the catch-up is missed; the connection's
         # tracker then drops whatever the catch-up already sent.
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
+
+        def prepare(event: dict) -> dict | None:
+            """The event as this client gets it; None for a message it was sent already."""
+            if event.get("type") == "message":
+                if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
+                    return None  # sent already: exactly once per connection
+                event = {k: v for k, v in event.items() if k[0] != "_"}
+                event["cursor"] = encode_cursor(sub.tracker)
+            return event
+
+        async def write(events: list[dict]) -> None:
+            """One frame: a lone event as itself, more as a batch (only asked for with batch=1)."""
+            if events:
+                obj = events[0] if len(events) == 1 else {"type": "batch", "events": events}
+                await ws.send({"type": "websocket.send", "text": dumps(obj)})
+
+        async def push(event: dict) -> None:
+            prepared = prepare(event)
+            if prepared is not None:
+                await write([prepared])
+
+        async def push_all(events) -> None:
+            if not batched:
+                for event in events:
+                    await push(event)
+                return
+            out: list[dict] = []
+            for event in events:
+                prepared = prepare(event)
+                if prepared is not None:
+                    out.append(prepared)
+                    if len(out) == WS_BATCH_MAX:
+                        await write(out)
+                        out = []
+            await write(out)
+
+        async def answer(event: dict) -> None:
+            # Acks and errors queue behind the events already due to this client (and batch with
+            # them); a client that stops reading is closed as "too slow" like for any event.
+            await sub.send.send(event)
+
+        async def run_send(slots: trio.Semaphore, request: dict) -> None:
+            txn_id, room_id = request["txn_id"], request["room_id"]
+            try:
+                try:
+                    message = await send_message(token, room_id, txn_id, request["body"])
+                    reply = {"type": "ack", "txn_id": txn_id, "room_id": room_id, "message": message}
+                except SmsError as err:
+                    reply = ws_error(err, txn_id, room_id)
+                except Exception:  # our own bug: logged, answered like REST answers it
+                    log.exception("unhandled error in a send over the events socket")
+                    reply = {"type": "error", "txn_id": txn_id, "room_id": room_id, "status": 500,
+                             **error_body(*INTERNAL)}
+                await answer(reply)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the connection is going away; the send itself happened or not as above
+            finally:
+                slots.release()
+
+        async def read_client(sends: trio.Nursery, done: trio.CancelScope) -> None:
+            # Reading is also how we notice the client left.
+            slots = trio.Semaphore(WS_MAX_IN_FLIGHT)
+            try:
+                while True:
+                    frame = await ws.receive()
+                    if frame["type"] == "websocket.disconnect":
+                        break
+                    data = frame.get("text")
+                    request, error = parse_send_frame(data if data is not None else frame.get("bytes"))
+                    if error is not None:
+                        await answer(error)
+                        continue
+                    await slots.acquire()  # backpressure: at most WS_MAX_IN_FLIGHT sends at once
+                    sends.start_soon(run_send, slots, request)
+            except (WebSocketDisconnect, RuntimeError, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+            done.cancel()
+
         try:
             await node.client_connected(user_id)
-            async with trio.open_nursery() as nursery:
-
-                async def drain_client() -> None:
-                    # We ignore what clients send, but must read to notice they left.
-                    try:
-                        while True:
-                            await ws.receive_text()
-                    except (WebSocketDisconnect, RuntimeError):
-                        pass
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(drain_client)
-
-                async def push(event: dict) -> None:
-                    if event.get("type") == "message":
-                        if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
-                            return  # sent already: exactly once per connection
-                        event = {k: v for k, v in event.items() if not k.startswith("_")}
-                        event["cursor"] = encode_cursor(sub.tracker)
-                    await ws.send_text(json.dumps(event, separators=(",", ":")))
-
-                if resume is None:
-                    sub.tracker.copy_rooms(node.tracker, rooms)
-                else:
-                    sub.tracker = resume
-                    fresh = {r for r in rooms if not resume.knows_room(r)}
-                    sub.tracker.copy_rooms(node.tracker, fresh)
-                    for message in await node.catch_up(resume, rooms - fresh):
-                        await push({"type": "message", **message.to_client(), "_origin": message.origin, "_seq": message.seq})
-                for event in node.co_member_presence(user_id):
-                    await push(event)
-                async for event in sub.receive:
-                    await push(event)
-                if sub.overflowed:
-                    await ws.close(code=WS_CLOSE_TRY_AGAIN, reason="too slow; resume from your cursor")
-                elif sub.closed_reason:
-                    await ws.close(code=WS_CLOSE_POLICY, reason=sub.closed_reason)
-                nursery.cancel_scope.cancel()
-        except (WebSocketDisconnect, RuntimeError):
+            # Sends in flight finish even when the client leaves (their outcome no longer reaches it).
+            async with trio.open_nursery() as sends:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(read_client, sends, nursery.cancel_scope)
+                        if resume is None:
+                            sub.tracker.copy_rooms(node.tracker, rooms)
+                        else:
+                            sub.tracker = resume
+                            fresh = {r for r in rooms if not resume.knows_room(r)}
+                            sub.tracker.copy_rooms(node.tracker, fresh)
+                            await push_all(
+                                {"type": "message", **m.to_client(), "_origin": m.origin, "_seq": m.seq}
+                                for m in await node.catch_up(resume, rooms - fresh))
+                        await push_all(node.co_member_presence(user_id))
+                        if batched:
+                            async for event in sub.receive:
+                                out = []
+                                prepared = prepare(event)
+                                if prepared is not None:
+                                    out.append(prepared)
+                                # What is queued already goes in the same frame; never wait for more.
+                                for _ in range(WS_BATCH_MAX - 1):
+                                    try:
+                                        prepared = prepare(sub.receive.receive_nowait())
+                                    except (trio.WouldBlock, trio.EndOfChannel):
+                                        break
+                                    if prepared is not None:
+                                        out.append(prepared)
+                                await write(out)
+                        else:
+                            async for event in sub.receive:
+                                await push(event)
+                        if sub.overflowed:
+                            await ws.close(code=WS_CLOSE_TRY_AGAIN, reason="too slow; resume from your cursor")
+                        elif sub.closed_reason:
+                            await ws.close(code=WS_CLOSE_POLICY, reason=sub.closed_reason)
+                        nursery.cancel_scope.cancel()
+                except* (WebSocketDisconnect, RuntimeError):
+                    pass  # the client left while we wrote; sends in flight still finish
+                finally:
+                    node.hub.disconnect(sub)  # closes the queue: answers still to come are dropped
+        except* (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             node.hub.disconnect(sub)
@@ -512,5 +656,5 @@ async def serve_gateway(app: FastAPI, host: str, port: int, *, task_status=trio.
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    config.websocket_max_message_size = 64 * 1024 + 4096
+    config.websocket_max_message_size = MAX_REQUEST_BYTES  # a send frame may be as large as a PUT
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,249 @@
+"""Sends over the events WebSocket and batched delivery (docs/api.md, "Events (WebSocket)"), against
+a real 3-node `sms up`: acks carry what the PUT returns, errors what REST answers, the socket
+survives bad frames, and batch=1 frames deliver every message exactly once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from .harness import ClusterProcess
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "correct horse battery"
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def account(http: httpx.AsyncClient, base: str, name: str) -> tuple[str, str]:
+    r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    return r.json()["user_id"], r.json()["token"]
+
+
+@dataclass
+class Room:
+    room_id: str
+    alice: str   # token; alice made the room (node 0)
+    bob: str     # a member, on node 1
+    eve: str     # not a member, on node 2
+    alice_id: str
+    bob_id: str
+
+
+async def make_room(cluster: ClusterProcess) -> Room:
+    suffix = uuid.uuid4().hex[:8]
+    async with httpx.AsyncClient(timeout=30) as http:
+        alice_id, alice = await account(http, cluster.http(0), f"alice-{suffix}")
+        bob_id, bob = await account(http, cluster.http(1), f"bob-{suffix}")
+        _, eve = await account(http, cluster.http(2), f"eve-{suffix}")
+        r = await http.post(cluster.http(0) + "/v1/rooms", json={"name": f"ws-{suffix}"}, headers=auth(alice))
+        assert r.status_code == 201, r.text
+        room_id = r.json()["room_id"]
+        r = await http.put(cluster.http(0) + f"/v1/rooms/{room_id}/members/{bob_id}", json={"role": "member"},
+                           headers=auth(alice))
+        assert r.status_code == 200, r.text
+        for node in range(3):  # every node's registry cache knows the room and its members
+            with trio.fail_after(15):
+                while True:
+                    r = await http.get(cluster.http(node) + f"/v1/rooms/{room_id}", headers=auth(alice))
+                    if r.status_code == 200 and {m["user_id"] for m in r.json()["members"]} == {alice_id, bob_id}:
+                        break
+                    await trio.sleep(0.05)
+    return Room(room_id, alice, bob, eve, alice_id, bob_id)
+
+
+def events_of(frame: str) -> list[dict]:
+    obj = json.loads(frame)
+    return obj["events"] if obj.get("type") == "batch" else [obj]
+
+
+async def send_frame(ws: WebSocketConnection, room_id: str, txn_id: str, body: str) -> None:
+    await ws.send_message(json.dumps({"type": "send", "room_id": room_id, "txn_id": txn_id, "body": body}))
+
+
+async def next_matching(ws: WebSocketConnection, pred, timeout_s: float = 15) -> dict:
+    """The next event (batches unpacked) that `pred` accepts; others are skipped."""
+    with trio.fail_after(timeout_s):
+        while True:
+            for event in events_of(await ws.get_message()):
+                if pred(event):
+                    return event
+
+
+def reply_to(txn_id: str):
+    return lambda e: e.get("type") in ("ack", "error") and e.get("txn_id") == txn_id
+
+
+def message_with(body: str):
+    return lambda e: e.get("type") == "message" and e.get("body") == body
+
+
+async def test_ws_send_is_acked_like_a_put_and_delivered_on_another_node(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}") as alice_ws, \
+            open_websocket_url(cluster.ws(1) + f"/v1/events?token={room.bob}") as bob_ws:
+        await send_frame(alice_ws, room.room_id, "ws-1", "hello over the socket")
+        ack = await next_matching(alice_ws, reply_to("ws-1"))
+        assert ack["type"] == "ack" and ack["room_id"] == room.room_id, ack
+        assert set(ack["message"]) == {"message_id", "ts"}
+        got = await next_matching(bob_ws, message_with("hello over the socket"))
+        assert got["message_id"] == ack["message"]["message_id"] and got["ts"] == ack["message"]["ts"]
+        assert got["sender"] == room.alice_id and got["room_id"] == room.room_id and got["cursor"]
+        # The same txn id over REST is the same send: the PUT returns exactly the ack's message.
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.put(cluster.http(2) + f"/v1/rooms/{room.room_id}/messages/ws-1",
+                               json={"body": "hello over the socket"}, headers=auth(room.alice))
+        assert r.status_code == 200 and r.json() == ack["message"]
+
+
+async def test_a_resent_txn_id_is_one_message_delivered_once(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}") as alice_ws, \
+            open_websocket_url(cluster.ws(1) + f"/v1/events?token={room.bob}") as bob_ws:
+        await send_frame(alice_ws, room.room_id, "again", "only once")
+        first = await next_matching(alice_ws, reply_to("again"))
+        await send_frame(alice_ws, room.room_id, "again", "only once")
+        second = await next_matching(alice_ws, reply_to("again"))
+        assert first["type"] == second["type"] == "ack"
+        assert second["message"] == first["message"]
+        # A later message marks the end: everything before it has arrived at bob.
+        await send_frame(alice_ws, room.room_id, "marker", "the end")
+        seen: list[dict] = []
+        with trio.fail_after(15):
+            while not any(e.get("body") == "the end" for e in seen):
+                seen += [e for e in events_of(await bob_ws.get_message()) if e.get("type") == "message"]
+        assert [e["message_id"] for e in seen if e["body"] == "only once"] == [first["message"]["message_id"]]
+
+
+async def test_a_non_member_gets_403_and_the_socket_stays_usable(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    async with open_websocket_url(cluster.ws(2) + f"/v1/events?token={room.eve}") as eve_ws:
+        await send_frame(eve_ws, room.room_id, "intrude", "let me in")
+        err = await next_matching(eve_ws, reply_to("intrude"))
+        assert err["type"] == "error" and err["status"] == 403 and err["room_id"] == room.room_id
+        assert err["error"]["code"] == "forbidden" and err["error"]["message"]
+        # The same refusal over REST has the same body.
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.put(cluster.http(2) + f"/v1/rooms/{room.room_id}/messages/intrude",
+                               json={"body": "let me in"}, headers=auth(room.eve))
+            assert r.status_code == 403 and r.json() == {"error": err["error"]}
+            r = await http.post(cluster.http(2) + "/v1/rooms", json={"name": f"eve-{uuid.uuid4().hex[:8]}"},
+                                headers=auth(room.eve))
+            own_room = r.json()["room_id"]
+        await send_frame(eve_ws, room.room_id, "intrude-2", "still not")
+        assert (await next_matching(eve_ws, reply_to("intrude-2")))["status"] == 403
+        # ... and the same socket still sends where eve may (its own message comes back too).
+        seen: list[dict] = []
+        with trio.fail_after(15):
+            while True:
+                await send_frame(eve_ws, own_room, f"own-{uuid.uuid4().hex[:6]}", "my own room")
+                reply = await next_matching(eve_ws, lambda e: seen.append(e) or e.get("type") in ("ack", "error"))
+                if reply["type"] == "ack":
+                    break
+                assert reply["status"] == 404  # the node may not know the fresh room yet
+                await trio.sleep(0.1)
+            while not any(message_with("my own room")(e) for e in seen):
+                await next_matching(eve_ws, lambda e: seen.append(e) or True)
+        assert [e["message_id"] for e in seen if message_with("my own room")(e)] == [reply["message"]["message_id"]]
+
+
+async def test_malformed_frames_get_400_and_the_socket_stays_usable(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    bad = [
+        ("not json at all", None),
+        ("[1, 2, 3]", None),
+        ('"a string"', None),
+        (json.dumps({"type": "subscribe", "txn_id": "t-unknown"}), "t-unknown"),
+        (json.dumps({"txn_id": "t-notype", "room_id": room.room_id, "body": "x"}), "t-notype"),
+        (json.dumps({"type": "send", "room_id": room.room_id, "txn_id": "t-nobody"}), "t-nobody"),
+        (json.dumps({"type": "send", "room_id": room.room_id, "txn_id": "t-intbody", "body": 5}), "t-intbody"),
+        (json.dumps({"type": "send", "room_id": room.room_id, "txn_id": 7, "body": "x"}), None),
+        (json.dumps({"type": "send", "room_id": 42, "txn_id": "t-noroom", "body": "x"}), "t-noroom"),
+        (json.dumps({"type": "send", "room_id": room.room_id, "txn_id": "x" * 300, "body": "x"}), "x" * 300),
+    ]
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}") as ws:
+        for text, _ in bad:
+            await ws.send_message(text)
+        errors: list[dict] = []
+        with trio.fail_after(15):
+            while len(errors) < len(bad):
+                errors += [e for e in events_of(await ws.get_message()) if e.get("type") == "error"]
+        assert all(e["status"] == 400 and e["error"]["code"] in ("bad_request", "bad_json") and e["error"]["message"]
+                   for e in errors), errors
+        assert sorted(str(e.get("txn_id")) for e in errors) == sorted(str(t) for _, t in bad)
+        assert next(e for e in errors if e.get("txn_id") is None and e["error"]["code"] == "bad_json")
+        # Nothing was lost and the socket still works.
+        await send_frame(ws, room.room_id, "after-the-noise", "still here")
+        ack = await next_matching(ws, reply_to("after-the-noise"))
+        assert ack["type"] == "ack"
+
+
+async def test_batch_delivers_concurrent_sends_exactly_once_with_cursors(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    n = 50
+    bodies = {f"batched {i}" for i in range(n)}
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}&batch=1") as alice_ws, \
+            open_websocket_url(cluster.ws(1) + f"/v1/events?token={room.bob}&batch=1") as bob_ws, \
+            open_websocket_url(cluster.ws(2) + f"/v1/events?token={room.bob}") as bob_plain:
+        frames: dict[str, list[dict]] = {"alice": [], "bob": [], "plain": []}
+
+        async def collect(name: str, ws: WebSocketConnection, done: trio.Event) -> None:
+            while True:
+                frames[name].append(json.loads(await ws.get_message()))
+                msgs = [e for f in frames[name] for e in (f["events"] if f.get("type") == "batch" else [f])
+                        if e.get("type") == "message" and e.get("body") in bodies]
+                acks = [e for f in frames[name] for e in (f["events"] if f.get("type") == "batch" else [f])
+                        if e.get("type") in ("ack", "error")]
+                if len(msgs) >= n and (name != "alice" or len(acks) >= n):
+                    done.set()
+                    return
+
+        dones = {name: trio.Event() for name in frames}
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(collect, "alice", alice_ws, dones["alice"])
+                nursery.start_soon(collect, "bob", bob_ws, dones["bob"])
+                nursery.start_soon(collect, "plain", bob_plain, dones["plain"])
+                for i in range(n):  # written back to back: the server processes them concurrently
+                    await send_frame(alice_ws, room.room_id, f"b-{i}", f"batched {i}")
+                for done in dones.values():
+                    await done.wait()
+                # Nothing more than owed arrives (a duplicate would show here).
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel()
+
+    def flat(name: str) -> list[dict]:
+        return [e for f in frames[name] for e in (f["events"] if f.get("type") == "batch" else [f])]
+
+    for name in ("alice", "bob", "plain"):
+        msgs = [e for e in flat(name) if e.get("type") == "message" and e.get("body") in bodies]
+        assert sorted(e["body"] for e in msgs) == sorted(bodies), name  # each exactly once
+        assert all(e["cursor"] and e["room_id"] == room.room_id for e in msgs)
+        assert len({e["message_id"] for e in msgs}) == n
+    acks = [e for e in flat("alice") if e.get("type") in ("ack", "error")]
+    assert sorted(e["txn_id"] for e in acks) == sorted(f"b-{i}" for i in range(n))
+    assert all(e["type"] == "ack" for e in acks), [e for e in acks if e["type"] != "ack"][:3]
+    by_id = {e["message_id"]: e for e in flat("bob") if e.get("type") == "message"}
+    assert all(by_id[a["message"]["message_id"]]["ts"] == a["message"]["ts"] for a in acks)
+    # Batches formed on the batch=1 sockets, never on the plain one, and none is empty or alone.
+    batches = [f for name in ("alice", "bob") for f in frames[name] if f.get("type") == "batch"]
+    assert batches and all(len(f["events"]) >= 2 for f in batches)
+    assert all(f.get("type") != "batch" for f in frames["plain"])
+    # The last cursor a client saw resumes with nothing missing and nothing repeated.
+    last_cursor = [e for e in flat("bob") if e.get("type") == "message"][-1]["cursor"]
+    async with open_websocket_url(cluster.ws(2) + f"/v1/events?token={room.bob}&batch=1&since={last_cursor}") as ws:
+        await send_frame(ws, room.room_id, "tail", "after resume")  # bob may send: he is a member
+        first = await next_matching(ws, lambda e: e.get("type") == "message")
+        assert first["body"] == "after resume"
