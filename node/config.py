@@ -29,6 +29,9 @@ class NodeConfig:
     allowed_origins: tuple[str, ...] = ()
     group_commit: bool = True
     publish_window_ms: float = 2.0
+    # GossipSub frames (bundles) this node publishes per second at most; under load, messages wait
+    # up to 1/rate for the next frame instead of each costing a frame (node/core/pacing.py).
+    max_frames_per_s: float = 40.0
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 
@@ -48,6 +51,8 @@ class NodeConfig:
                 problems.append(f"--bootstrap {addr!r} must be a multiaddr ending in /p2p/PEER_ID")
         if self.retention_days is not None and self.retention_days <= 0:
             problems.append("--retention-days must be positive")
+        if self.max_frames_per_s < 0:
+            problems.append("--max-frames-per-s must be 0 (no cap) or positive")
         if self.rate_limit_per_s < 0:
             problems.append("--rate-limit must be 0 (off) or positive")
         if self.session_ttl_s < 60:

@@ -38,7 +38,7 @@ from sms.crdt.hlc import HybridClock
 
 from .adapters.etcd import EtcdRegistry
 from .registry_feed import serve_node_registration, serve_registry_cache
-from .adapters.p2p import P2PNode, load_or_create_identity, parse_secret
+from .adapters.p2p import BUNDLE_ROOM, P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
 from .core.delivery import SeqTracker
@@ -51,10 +51,14 @@ from .core.envelope import (
     PRESENCE_STATUSES,
     Frame,
     FrameError,
+    decode_bundle,
     decode_frame,
+    encode_bundle,
     encode_frame,
     encode_ops,
+    split_into_bundles,
 )
+from .core.pacing import FramePacer, chunk_messages
 from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
 from .core.names import validate_name, validate_password
@@ -495,10 +499,13 @@ class Node:
             log.warning("publish outbox full; dropping a frame for room %s", effect.room_id)
 
     async def serve_publisher(self, receive: trio.MemoryReceiveChannel) -> None:
-        """Batch on the hot path: take everything queued since the last round, group it by room,
-        and publish one frame per room."""
+        """Batch on the hot path: wait out the publish window and the frame pacer, then take
+        everything queued meanwhile, one room frame per room, all in one bundle."""
+        pacer = FramePacer(self.config.max_frames_per_s)
         async for first in receive:
             await trio.sleep(self.config.publish_window_ms / 1000)
+            await trio.sleep(pacer.delay(trio.current_time()))
+            pacer.spend(trio.current_time())
             batch = [first]
             while True:
                 try:
@@ -508,8 +515,13 @@ class Node:
             by_room: dict[str, list[Message]] = {}
             for effect in batch:
                 by_room.setdefault(effect.room_id, []).extend(effect.messages)
-            for room_id, messages in by_room.items():
-                await self.p2p.publish(room_id, encode_frame(room_id, self.p2p.peer_id, messages))
+            frames = [
+                encode_frame(room_id, self.p2p.peer_id, chunk)
+                for room_id, messages in by_room.items()
+                for chunk in chunk_messages(messages)
+            ]
+            for group in split_into_bundles(frames):
+                await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group))
                 self.metrics.frames_out.inc()
 
     # -- edits, deletions, typing, read markers, presence
@@ -686,6 +698,8 @@ class Node:
 
     def validate_frame(self, room_id: str, data: bytes, author: str) -> bool:
         """GossipSub validator: runs at every hop, before a frame is forwarded or delivered."""
+        if room_id == BUNDLE_ROOM:
+            return self.validate_bundle(data, author)
         try:
             frame = decode_frame(data)  # a FrameError here is malformed: the peer gets a strike
             if frame.room_id != room_id or frame.origin != author:
@@ -693,6 +707,28 @@ class Node:
         except FrameError:
             self.metrics.frames_rejected.inc()
             raise
+        return self._check_frame(frame, data, author)
+
+    def validate_bundle(self, data: bytes, author: str) -> bool:
+        """A bundle is forwarded when it is well formed and every frame in it is its author's.
+        Whether each frame's messages may be shown is then checked frame by frame: a frame that
+        fails (say, our registry cache lags a new member by a few ms) is dropped alone and later
+        repaired from history, rather than costing its bundle-mates their delivery."""
+        try:
+            origin, frames = decode_bundle(data)
+            if origin != author:
+                raise FrameError("bundle names another origin than its author")
+            decoded = [decode_frame(raw) for raw in frames]
+            if any(f.origin != author or f.kind != KIND_MESSAGES for f in decoded):
+                raise FrameError("a bundled frame is not a message frame of the bundle's author")
+        except FrameError:
+            self.metrics.frames_rejected.inc()
+            raise
+        for raw, frame in zip(frames, decoded):
+            self._check_frame(frame, raw, author)
+        return True
+
+    def _check_frame(self, frame: Frame, data: bytes, author: str) -> bool:
         try:
             if frame.kind == KIND_MESSAGES:
                 self.core.check_frame(frame, wall_ms())
@@ -724,6 +760,18 @@ class Node:
 
     def on_frame(self, room_id: str, data: bytes, author: str) -> None:
         self.metrics.frames_in.inc()
+        if room_id == BUNDLE_ROOM:
+            try:
+                _origin, frames = decode_bundle(data)
+            except FrameError:
+                self.metrics.frames_rejected.inc()
+                return
+            for raw in frames:
+                self._on_room_frame(raw, author)
+            return
+        self._on_room_frame(data, author)
+
+    def _on_room_frame(self, data: bytes, author: str) -> None:
         frame = self._checked_frames.pop(data, None)
         checked = frame is not None
         if frame is None:
@@ -964,6 +1012,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node.serve_ephemeral)
                 nursery.start_soon(node.serve_retention)
                 await p2p.join_room("")  # the presence topic
+                await p2p.join_room(BUNDLE_ROOM)  # every node's message bundles
                 yield node
                 nursery.cancel_scope.cancel()
         finally:

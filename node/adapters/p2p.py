@@ -47,6 +47,10 @@ log = logging.getLogger("sms.p2p")
 
 TOPIC_PREFIX = "sms/v1/room/"
 PRESENCE_TOPIC = "sms/v1/presence"
+# Every node's bundles of room frames travel on one topic; BUNDLE_ROOM is its pseudo room id (room
+# ids are hex, so it cannot name a real room).
+BUNDLE_TOPIC = "sms/v1/bundle"
+BUNDLE_ROOM = "*"
 NODES_KEY = "sms-v1-nodes"
 
 SYNC_PROTOCOL = TProtocol("/sms/sync/1.0.0")
@@ -70,7 +74,10 @@ FrameValidator = Callable[[str, bytes, str], bool]
 
 
 def room_topic(room_id: str) -> str:
-    """A room's topic; the empty room id names the cluster-wide presence topic."""
+    """A room's topic; the empty room id names the cluster-wide presence topic and BUNDLE_ROOM the
+    bundle topic."""
+    if room_id == BUNDLE_ROOM:
+        return BUNDLE_TOPIC
     return TOPIC_PREFIX + room_id if room_id else PRESENCE_TOPIC
 
 

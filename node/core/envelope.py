@@ -1,5 +1,10 @@
 """The wire envelope: how a batch of chat messages travels in one GossipSub frame.
 
+Room frames travel inside *bundles* on the cluster-wide bundle topic:
+`BUNDLE_VERSION byte || msgpack([origin, [room frame bytes...]])`. A node publishes one bundle per
+pacing tick carrying every room's frame of that tick, so the number of GossipSub frames a node
+sends is bounded whatever the number of rooms or messages (docs/protocol.md, "Bundles").
+
 A frame is `VERSION byte || msgpack([kind, room_id, origin, [message tuples...]])`. One frame
 carries every message a node accepted for one room within one publish window, because py-libp2p's
 GossipSub costs ~1.4-3.7 ms of CPU per frame whatever its size (docs/protocol.md).
@@ -18,7 +23,11 @@ from ..errors import PeerError
 from .model import MAX_BODY_BYTES, Message
 
 VERSION = 1
+BUNDLE_VERSION = 2
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+# A bundle stays well under py-libp2p's 1 MiB RPC cap; a publisher splits a bigger one.
+MAX_BUNDLE_BYTES = 512 * 1024
+MAX_FRAMES_PER_BUNDLE = 4096
 MAX_MESSAGES_PER_FRAME = 4096
 KIND_MESSAGES = 1
 KIND_EDITS = 2      # items: (message_id, actor, op, body, ts); op "edit" or "delete"
@@ -145,3 +154,45 @@ def decode_frame(data: bytes) -> Frame:
             )
         )
     return Frame(kind=kind, room_id=room_id, origin=origin, messages=tuple(messages))
+
+
+def encode_bundle(origin: str, frames: list[bytes]) -> bytes:
+    """One GossipSub message carrying room frames (each as encode_frame/encode_ops made it)."""
+    return bytes([BUNDLE_VERSION]) + msgpack.packb([origin, frames], use_bin_type=True)
+
+
+def decode_bundle(data: bytes) -> tuple[str, list[bytes]]:
+    """The bundle's origin and its room frames, still encoded: each is decoded and checked on
+    its own (decode_frame), so one bad frame is one rejected frame."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise FrameError(f"bundle of {len(data)} bytes is over the {MAX_BUNDLE_BYTES} cap")
+    if not data or data[0] != BUNDLE_VERSION:
+        raise FrameError("unknown bundle version")
+    try:
+        body = msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        raise FrameError(f"undecodable bundle: {type(exc).__name__}") from None
+    if not isinstance(body, list) or len(body) != 2:
+        raise FrameError("bundle is not a 2-list")
+    origin, frames = body
+    origin = _str(origin, "origin", 128)
+    if not isinstance(frames, list) or not frames or len(frames) > MAX_FRAMES_PER_BUNDLE:
+        raise FrameError("bad frame list")
+    if not all(isinstance(f, bytes) for f in frames):
+        raise FrameError("a bundled frame is not bytes")
+    return origin, frames
+
+
+def split_into_bundles(frames: list[bytes], limit: int = MAX_BUNDLE_BYTES - 1024) -> list[list[bytes]]:
+    """Groups encoded frames, in order, into as few bundles as fit under the cap. A frame that is
+    alone over the cap gets a bundle of its own (the caller splits messages finer than that)."""
+    groups: list[list[bytes]] = []
+    size = 0
+    for frame in frames:
+        if groups and size + len(frame) + 8 <= limit and len(groups[-1]) < MAX_FRAMES_PER_BUNDLE:
+            groups[-1].append(frame)
+            size += len(frame) + 8
+        else:
+            groups.append([frame])
+            size = len(frame) + 8
+    return groups
