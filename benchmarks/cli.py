@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
 
     common = dict(
         cluster=typer.Option(None, "--cluster", help="Use this running cluster (DIR/cluster.json) instead of a fresh `sms up`."),
+        send_via=typer.Option("ws", "--send-via", help="How sms clients send: ws (a \"send\" frame on their events "
+                                                        "WebSocket, answered by an ack event) or http (PUT)."),
     )
 
     @bench.command("sweep")
@@ -57,6 +59,7 @@ def register(app: typer.Typer) -> None:
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
+        send_via: str = common["send_via"],
         out: Path = typer.Option(RESULTS, help="Where result JSON and PNGs go."),
         work_dir: Optional[Path] = typer.Option(None, help="Scratch dir for clusters (default: a new temp dir)."),
     ) -> None:
@@ -69,7 +72,7 @@ def register(app: typer.Typer) -> None:
         policy = SweepPolicy(start_rate=start_rate, factor=factor, max_rate=max_rate, max_points=max_points,
                              refine=refine).validate()
         _set_patience(retries, quiet_wait)
-        _run_load("sweep", cluster, nodes, w, policy, None, baselines, profile, out, work_dir)
+        _run_load("sweep", cluster, nodes, w, policy, None, baselines, profile, out, work_dir, send_via)
 
     @bench.command("run")
     def run_cmd(
@@ -88,6 +91,7 @@ def register(app: typer.Typer) -> None:
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
+        send_via: str = common["send_via"],
         out: Path = typer.Option(RESULTS),
         work_dir: Optional[Path] = typer.Option(None),
     ) -> None:
@@ -99,7 +103,7 @@ def register(app: typer.Typer) -> None:
         w = Workload(clients=clients, senders=senders, rooms=rooms, body_bytes=body_bytes, duration_s=duration,
                      warmup_s=warmup, drain_s=drain, max_in_flight=max_in_flight, rate=rate[0]).validate()
         _run_load("point", cluster, nodes, w, SweepPolicy(start_rate=min(rate), max_rate=max(rate)), list(rate),
-                  baselines, profile, out, work_dir)
+                  baselines, profile, out, work_dir, send_via)
 
     @bench.command("conn-scale")
     def conn_scale_cmd(
@@ -171,11 +175,15 @@ def make_plots(doc: dict, out: Path, stem: str) -> list[Path]:
     return [plots.latency_vs_rate(doc, out / f"{stem}-latency.png"), plots.latency_cdf(doc, out / f"{stem}-cdf.png")]
 
 
-def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, out, work_dir) -> None:
+def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, out, work_dir, send_via="ws") -> None:
     import trio
 
     from .results import result_doc, write_result
     from .runner import gossip_system, nats_system, sms_system, with_cluster, work_dir_for, workload_config
+    from .sms_client import SEND_VIA
+
+    if send_via not in SEND_VIA:
+        raise typer.BadParameter(f"--send-via must be one of {', '.join(SEND_VIA)}")
 
     wanted = [b.strip() for b in baselines.split(",") if b.strip()]
     bad = [b for b in wanted if b not in ("nats", "gossipsub")]
@@ -188,7 +196,7 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     t0 = time.monotonic()
     with with_cluster(cluster_file, nodes, wd, _say) as cluster:
         prof = {"rate": None, "dir": out / f"{stem}-profiles"} if profile else None
-        systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof)
+        systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof, send_via)
         n_nodes = len(cluster["nodes"])
     if "nats" in wanted:
         systems["nats"] = nats_system(w, policy, rates, _say, wd)
@@ -197,6 +205,7 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     from . import runner
 
     config = workload_config(w, policy, rates, nodes=n_nodes, baselines=wanted,
+                             sms_client={"send_via": send_via, "events": "batch=1"},
                              interference={"disturbed_above_percent": runner.DISTURBED_PERCENT,
                                            "retries": runner.RETRIES, "quiet_wait_s": runner.QUIET_WAIT_S},
                              cluster="given" if cluster_file else "fresh sms up", wall_s=round(time.monotonic() - t0, 1))

@@ -184,9 +184,10 @@ def metrics_delta(before: list[dict], after: list[dict]) -> dict:
 
 
 async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say,
-                     users: int | None = None, profile: dict | None = None) -> dict:
+                     users: int | None = None, profile: dict | None = None, send_via: str = "ws") -> dict:
     """Runs points against a running cluster. profile={"rate": R, "dir": Path} runs py-spy on node 0
-    during the point at rate R (or the last point)."""
+    during the point at rate R (or the last point). send_via: "ws" (send frames on the events
+    socket) or "http" (PUT)."""
     from .sms_client import SmsTransport
 
     plan = client_plan(workload, len(cluster["nodes"]))
@@ -194,9 +195,9 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
     if "_up_pid" in cluster:  # a cluster this run started
         shield(groups + [Group("sms-up", "launcher", [cluster["_up_pid"]])], say)
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        transport = SmsTransport(cluster, plan, users=users, say=say)
+        transport = SmsTransport(cluster, plan, users=users, say=say, send_via=send_via)
         say(f"sms: {workload.clients} clients over {len(cluster['nodes'])} nodes, {workload.senders} senders, "
-            f"{workload.rooms} rooms, {workload.body_bytes} B bodies")
+            f"{workload.rooms} rooms, {workload.body_bytes} B bodies, sends over {send_via}")
         await transport.setup(stack, nursery)
         profiles: list[dict] = []
 
@@ -219,7 +220,7 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
         result = await drive(run_rate, policy, rates, say, "sms", groups)
         if profiles:
             result["profiles"] = profiles
-        result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients}
+        result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients, "send_via": send_via}
         await transport.aclose()
         nursery.cancel_scope.cancel()
     return result

@@ -1,6 +1,8 @@
 """sms as a system under test, driven only through the public client contract (docs/api.md):
-accounts and rooms over REST, sends with PUT /v1/rooms/{room}/messages/{txn}, deliveries over the
-/v1/events WebSocket. Runs under trio (trio-websocket)."""
+accounts and rooms over REST; sends as "send" frames on the sender's own /v1/events WebSocket,
+answered by "ack"/"error" events (send_via="ws", the default) or with
+PUT /v1/rooms/{room}/messages/{txn} (send_via="http"); deliveries over /v1/events?batch=1.
+Runs under trio (trio-websocket)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -20,7 +23,19 @@ from .httpmini import HttpError, HttpPool
 from .schedule import Plan
 
 PASSWORD = "benchmark password"
+SEND_VIA = ("ws", "http")
 clock = time.monotonic
+
+
+class _Waiter:
+    """A send over the WebSocket waiting for its ack or error event."""
+
+    __slots__ = ("client", "done", "error")
+
+    def __init__(self, client: int) -> None:
+        self.client = client
+        self.done = trio.Event()
+        self.error: Exception | None = None
 
 
 @dataclass
@@ -41,8 +56,11 @@ class SmsTransport:
     connect_concurrency: int = 64
     say: Callable[[str], None] = lambda s: None
     sink: Callable[[int, str, float], None] | None = None
+    send_via: str = "ws"              # "ws": send frames on the events socket; "http": PUT
 
     def __post_init__(self) -> None:
+        if self.send_via not in SEND_VIA:
+            raise ValueError(f"send_via must be one of {SEND_VIA}, not {self.send_via!r}")
         self.nodes = [n["http"] for n in self.cluster["nodes"]]
         self.accounts: list[Account] = []
         self.room_ids: list[str] = []
@@ -53,6 +71,10 @@ class SmsTransport:
         self.connect_retries = 0
         self.ws_closed: dict[str, int] = {}
         self.frames = 0
+        self.sockets: dict[int, object] = {}       # client -> its open WebSocket
+        self.pending: dict[str, _Waiter] = {}      # txn id -> a WebSocket send awaiting its answer
+        self.send_clients: list[int] = []          # sender -> the client whose socket it sends on
+        self.send_rooms: list[str] = []            # sender -> its room id
 
     def account_of(self, client: int) -> int:
         return client % (self.users or self.plan.clients)
@@ -132,30 +154,23 @@ class SmsTransport:
 
         async def connect(c: int) -> None:
             acc = self.accounts[self.account_of(c)]
-            url = self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://") + f"/v1/events?token={acc.token}"
+            url = (self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://")
+                   + f"/v1/events?token={acc.token}&batch=1")
             for attempt in range(3):  # a handshake that timed out under load is tried again
                 await connected.acquire()
                 released = False
                 try:
                     async with open_websocket_url(url, connect_timeout=60, message_queue_size=4096) as ws:
                         self.ws_open += 1
+                        self.sockets[c] = ws
                         connected.release()
                         released = True
                         try:
-                            while True:
-                                text = await ws.get_message()
-                                t = clock()
-                                self.frames += 1
-                                sink = self.sink
-                                if sink is not None:
-                                    try:
-                                        body = json.loads(text).get("body")
-                                    except (ValueError, AttributeError):
-                                        continue
-                                    if isinstance(body, str):
-                                        sink(c, body, t)
+                            await self._read(c, ws)
                         finally:
                             self.ws_open -= 1
+                            self.sockets.pop(c, None)
+                            self._fail_pending(c)
                 except ConnectionClosed as exc:
                     code = str(getattr(exc.reason, "code", "?"))
                     self.ws_closed[code] = self.ws_closed.get(code, 0) + 1
@@ -184,14 +199,52 @@ class SmsTransport:
                                f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
         self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s")
 
+    async def _read(self, c: int, ws) -> None:
+        """Client c's frames: deliveries to the sink (one clock reading per frame: a batch's events
+        were all read at once), acks and errors to the sends waiting for them."""
+        pending = self.pending
+        while True:
+            text = await ws.get_message()
+            t = clock()
+            self.frames += 1
+            try:
+                frame = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(frame, dict):
+                continue
+            for event in frame.get("events", ()) if frame.get("type") == "batch" else (frame,):
+                kind = event.get("type")
+                if kind == "message":
+                    sink = self.sink
+                    body = event.get("body")
+                    if sink is not None and isinstance(body, str):
+                        sink(c, body, t)
+                elif kind == "ack" or kind == "error":
+                    waiter = pending.pop(event.get("txn_id"), None)
+                    if waiter is not None:
+                        if kind == "error":  # counted like the HTTP error the PUT would have given
+                            waiter.error = HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
+                        waiter.done.set()
+
+    def _fail_pending(self, c: int) -> None:
+        for txn, waiter in list(self.pending.items()):
+            if waiter.client == c:
+                del self.pending[txn]
+                waiter.error = ConnectionError("the sender's WebSocket closed before the answer")
+                waiter.done.set()
+
     async def finish(self) -> None:
         """Send paths, then the probe."""
         for client, room in self.plan.senders:
             acc = self.accounts[self.account_of(client)]
-            u = urlsplit(self.nodes[self.plan.client_nodes[client]])
-            self.pools.append(HttpPool(u.hostname or "127.0.0.1", u.port or 80))
-            self.headers.append({"Authorization": f"Bearer {acc.token}", "Content-Type": "application/json"})
-            self.paths.append(f"/v1/rooms/{self.room_ids[room]}/messages/")
+            self.send_clients.append(client)
+            self.send_rooms.append(self.room_ids[room])
+            if self.send_via == "http":
+                u = urlsplit(self.nodes[self.plan.client_nodes[client]])
+                self.pools.append(HttpPool(u.hostname or "127.0.0.1", u.port or 80))
+                self.headers.append({"Authorization": f"Bearer {acc.token}", "Content-Type": "application/json"})
+                self.paths.append(f"/v1/rooms/{self.room_ids[room]}/messages/")
         await self.probe(self.http)
 
     async def probe(self, http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
@@ -233,10 +286,26 @@ class SmsTransport:
         self.say(f"  probe delivered to every member in {clock() - t0:.2f}s")
 
     async def send(self, sender: int, body: str, txn: str) -> None:
-        data = json.dumps({"body": body}).encode()
-        status, resp = await self.pools[sender].request("PUT", self.paths[sender] + txn, self.headers[sender], data)
-        if status != 200:
-            raise HttpError(status, resp)
+        if self.send_via == "http":
+            data = json.dumps({"body": body}).encode()
+            status, resp = await self.pools[sender].request("PUT", self.paths[sender] + txn, self.headers[sender], data)
+            if status != 200:
+                raise HttpError(status, resp)
+            return
+        client = self.send_clients[sender]
+        ws = self.sockets.get(client)
+        if ws is None:
+            raise ConnectionError("the sender's WebSocket is not open")
+        waiter = _Waiter(client)
+        self.pending[txn] = waiter
+        try:
+            await ws.send_message(orjson.dumps({"type": "send", "room_id": self.send_rooms[sender],
+                                                "txn_id": txn, "body": body}).decode())
+            await waiter.done.wait()
+        finally:
+            self.pending.pop(txn, None)
+        if waiter.error is not None:
+            raise waiter.error
 
     async def aclose(self) -> None:
         for p in self.pools:
