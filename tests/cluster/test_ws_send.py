@@ -247,3 +247,20 @@ async def test_batch_delivers_concurrent_sends_exactly_once_with_cursors(cluster
         await send_frame(ws, room.room_id, "tail", "after resume")  # bob may send: he is a member
         first = await next_matching(ws, lambda e: e.get("type") == "message")
         assert first["body"] == "after resume"
+
+
+async def test_a_flood_of_sends_is_answered_once_each_rate_limited_like_rest(cluster: ClusterProcess) -> None:
+    room = await make_room(cluster)
+    n = 600  # beyond the 256 in flight per connection, and beyond the per-user burst
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}&batch=1") as ws:
+        for i in range(n):
+            await send_frame(ws, room.room_id, f"flood-{i}", f"flood {i}")
+        replies: list[dict] = []
+        with trio.fail_after(60):
+            while len(replies) < n:
+                replies += [e for e in events_of(await ws.get_message()) if e.get("type") in ("ack", "error")]
+    assert sorted(e["txn_id"] for e in replies) == sorted(f"flood-{i}" for i in range(n))
+    limited = [e for e in replies if e["type"] == "error"]
+    assert all(e["status"] == 429 and e["error"]["code"] == "rate_limited" and e["error"]["retry_after_ms"] > 0
+               for e in limited), limited[:3]
+    assert limited and len(limited) < n
