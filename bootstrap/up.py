@@ -41,6 +41,8 @@ class UpOptions:
     ready_timeout_s: float = 90.0
     log_level: str = "info"
     retention_days: float | None = None
+    max_frames_per_s: float | None = None  # None: the node's default
+    min_frames_per_s: float | None = None
 
 
 @dataclass
@@ -110,6 +112,8 @@ def start_node(
         "--etcd", etcd_url, "--db", db_dsn, "--secret-file", str(secret_file),
         "--log-level", opts.log_level,
         *(["--retention-days", str(opts.retention_days)] if opts.retention_days else []),
+        *(["--max-frames-per-s", str(opts.max_frames_per_s)] if opts.max_frames_per_s is not None else []),
+        *(["--min-frames-per-s", str(opts.min_frames_per_s)] if opts.min_frames_per_s is not None else []),
     ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]

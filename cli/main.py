@@ -43,6 +43,9 @@ def up(
     pg_port: int = typer.Option(15432, help="Port of the embedded PostgreSQL."),
     log_level: str = typer.Option("info", help="Node log level (debug, info, warning)."),
     retention_days: Optional[float] = typer.Option(None, help="Nodes purge messages older than this many days."),
+    max_frames_per_s: Optional[float] = typer.Option(None, help="Each node's cap on GossipSub frames per second "
+                                                              "when quiet (see `sms node --help`)."),
+    min_frames_per_s: Optional[float] = typer.Option(None, help="... and when busy (see `sms node --help`)."),
 ) -> None:
     """Start a local cluster: embedded etcd + PostgreSQL and N nodes. Ctrl-C stops it all."""
     from sms.bootstrap.up import UpOptions, up as run_up
@@ -50,7 +53,7 @@ def up(
     opts = UpOptions(
         data_dir=data_dir, nodes=nodes, http_port=http_port, p2p_port=p2p_port, etcd_url=etcd,
         db_dsn=db, etcd_port=etcd_port, etcd_members=etcd_members, pg_port=pg_port, log_level=log_level,
-        retention_days=retention_days,
+        retention_days=retention_days, max_frames_per_s=max_frames_per_s, min_frames_per_s=min_frames_per_s,
     )
     try:
         run_up(opts, lambda line: typer.echo(line))
@@ -75,6 +78,13 @@ def node(
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
                                      help="Requests per second per user that change state, cluster-wide (0: off)."),
+    max_frames_per_s: float = typer.Option(50.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
+                                           help="Cap on the GossipSub frames this node publishes per second while it is "
+                                                "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
+                                                "frame and share it: lower saves CPU per message, higher adds less latency."),
+    min_frames_per_s: float = typer.Option(10.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
+                                           help="The cap once this node handles 500 messages/s or more; in between it "
+                                                "falls linearly from --max-frames-per-s."),
     allow_origin: List[str] = typer.Option([], "--allow-origin",
                                            help="Extra Origin allowed to open the WebSocket (repeatable; the node's own is always allowed)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
@@ -96,7 +106,8 @@ def node(
             name=name, data_dir=data_dir, etcd_url=etcd, db_dsn=db, http_port=http_port,
             p2p_port=p2p_port, bootstrap=tuple(bootstrap), secret=read_secret(secret_file),
             group_commit=group_commit, retention_days=retention_days, rate_limit_per_s=rate_limit,
-            allowed_origins=tuple(allow_origin),
+            allowed_origins=tuple(allow_origin), max_frames_per_s=max_frames_per_s,
+            min_frames_per_s=min_frames_per_s,
         ).validate()
         run_node(config)
     except SmsError as exc:

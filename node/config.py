@@ -29,9 +29,12 @@ class NodeConfig:
     allowed_origins: tuple[str, ...] = ()
     group_commit: bool = True
     publish_window_ms: float = 2.0
-    # GossipSub frames (bundles) this node publishes per second at most; under load, messages wait
-    # up to 1/rate for the next frame instead of each costing a frame (node/core/pacing.py).
-    max_frames_per_s: float = 40.0
+    # GossipSub frames (bundles) this node publishes per second at most: max at idle, falling to
+    # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
+    # next frame instead of each costing a frame (node/core/pacing.py).
+    max_frames_per_s: float = 50.0
+    min_frames_per_s: float = 10.0
+    busy_messages_per_s: float = 500.0
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 
@@ -53,6 +56,8 @@ class NodeConfig:
             problems.append("--retention-days must be positive")
         if self.max_frames_per_s < 0:
             problems.append("--max-frames-per-s must be 0 (no cap) or positive")
+        if not 0 < self.min_frames_per_s:
+            problems.append("--min-frames-per-s must be positive")
         if self.rate_limit_per_s < 0:
             problems.append("--rate-limit must be 0 (off) or positive")
         if self.session_ttl_s < 60:

@@ -501,7 +501,8 @@ class Node:
     async def serve_publisher(self, receive: trio.MemoryReceiveChannel) -> None:
         """Batch on the hot path: wait out the publish window and the frame pacer, then take
         everything queued meanwhile, one room frame per room, all in one bundle."""
-        pacer = FramePacer(self.config.max_frames_per_s)
+        pacer = FramePacer(self.config.max_frames_per_s, self.config.min_frames_per_s,
+                           self.config.busy_messages_per_s)
         async for first in receive:
             await trio.sleep(self.config.publish_window_ms / 1000)
             await trio.sleep(pacer.delay(trio.current_time()))
@@ -515,6 +516,7 @@ class Node:
             by_room: dict[str, list[Message]] = {}
             for effect in batch:
                 by_room.setdefault(effect.room_id, []).extend(effect.messages)
+            pacer.note_messages(sum(len(m) for m in by_room.values()), trio.current_time())
             frames = [
                 encode_frame(room_id, self.p2p.peer_id, chunk)
                 for room_id, messages in by_room.items()

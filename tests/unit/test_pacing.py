@@ -24,7 +24,7 @@ def message(i: int, body: str = "hi") -> Message:
 
 
 def test_a_quiet_node_publishes_at_once_then_waits_for_tokens_when_busy() -> None:
-    pacer = FramePacer(rate_per_s=10, burst=2)
+    pacer = FramePacer(max_rate=10, min_rate=10, burst=2)
     assert pacer.delay(100.0) == 0.0
     pacer.spend(100.0)
     assert pacer.delay(100.0) == 0.0
@@ -42,7 +42,7 @@ def test_a_quiet_node_publishes_at_once_then_waits_for_tokens_when_busy() -> Non
 
 
 def test_over_any_stretch_the_frame_rate_stays_within_rate_plus_burst() -> None:
-    pacer = FramePacer(rate_per_s=40, burst=4)
+    pacer = FramePacer(max_rate=40, min_rate=40, burst=4)
     now, sent = 0.0, 0
     while now < 10.0:  # a publisher that always has something to send
         now += pacer.delay(now)
@@ -53,8 +53,41 @@ def test_over_any_stretch_the_frame_rate_stays_within_rate_plus_burst() -> None:
     assert sent >= 40 * 10 * 0.9
 
 
+def test_the_frame_rate_falls_as_the_message_rate_rises_and_recovers_when_it_drops() -> None:
+    pacer = FramePacer(max_rate=50, min_rate=10, busy_messages_per_s=500)
+    assert pacer.rate(0.0) == 50
+    now = 0.0
+    for _ in range(300):  # 3 s of 250 messages/s, noted 100 times a second
+        now += 0.01
+        pacer.note_messages(2 if _ % 2 else 3, now)
+    assert pacer.rate(now) == pytest.approx(30, abs=2)  # half busy: half way down
+    for _ in range(300):  # 3 s of 1,000 messages/s: beyond busy, the floor
+        now += 0.01
+        pacer.note_messages(10, now)
+    assert pacer.rate(now) == pytest.approx(10)
+    assert pacer.rate(now + 10.0) == pytest.approx(50, abs=0.1)  # quiet again
+
+
+def test_a_busy_node_sends_fewer_frames_each_carrying_more() -> None:
+    def frames_in_10s(messages_per_s: float) -> int:
+        pacer = FramePacer(max_rate=50, min_rate=10, busy_messages_per_s=500)
+        now, sent, pending, last = 0.0, 0, 0.0, 0.0
+        while now < 10.0:
+            now += max(pacer.delay(now), 0.002)  # the publish window
+            pending += (now - last) * messages_per_s
+            last = now
+            pacer.spend(now)
+            pacer.note_messages(int(pending), now)
+            pending -= int(pending)
+            sent += 1
+        return sent
+
+    assert frames_in_10s(2000) <= 10 * 10 + 4 + 20  # + the first second, while the estimate warms up
+    assert frames_in_10s(2000) < frames_in_10s(100)
+
+
 def test_zero_rate_means_no_cap() -> None:
-    pacer = FramePacer(rate_per_s=0)
+    pacer = FramePacer(max_rate=0)
     for _ in range(1000):
         assert pacer.delay(5.0) == 0.0
         pacer.spend(5.0)
