@@ -500,20 +500,31 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
-        def prepare(event: dict) -> dict | None:
+        def prepare(event: dict, with_cursor: bool = True) -> dict | None:
             """The event as this client gets it; None for a message it was sent already."""
             if event.get("type") == "message":
                 if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                     return None  # sent already: exactly once per connection
                 event = {k: v for k, v in event.items() if k[0] != "_"}
-                event["cursor"] = encode_cursor(sub.tracker)
+                if with_cursor:
+                    event["cursor"] = encode_cursor(sub.tracker)
             return event
 
-        async def write(events: list[dict]) -> None:
-            """One frame: a lone event as itself, more as a batch (only asked for with batch=1)."""
-            if events:
-                obj = events[0] if len(events) == 1 else {"type": "batch", "events": events}
-                await ws.send({"type": "websocket.send", "text": dumps(obj)})
+        async def write(events: list[dict], messages: int = 0) -> None:
+            """One frame: a lone event as itself, more as a batch (only asked for with batch=1).
+            In a batch the cursor is the batch's, once: encoding it per message cost more than
+            the rest of the delivery."""
+            if not events:
+                return
+            if len(events) == 1:
+                obj = events[0]
+                if messages and "cursor" not in obj:
+                    obj["cursor"] = encode_cursor(sub.tracker)
+            else:
+                obj = {"type": "batch", "events": events}
+                if messages:
+                    obj["cursor"] = encode_cursor(sub.tracker)
+            await ws.send({"type": "websocket.send", "text": dumps(obj)})
 
         async def push(event: dict) -> None:
             prepared = prepare(event)
@@ -526,14 +537,16 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     await push(event)
                 return
             out: list[dict] = []
+            messages = 0
             for event in events:
-                prepared = prepare(event)
+                prepared = prepare(event, with_cursor=False)
                 if prepared is not None:
                     out.append(prepared)
+                    messages += prepared.get("type") == "message"
                     if len(out) == WS_BATCH_MAX:
-                        await write(out)
-                        out = []
-            await write(out)
+                        await write(out, messages)
+                        out, messages = [], 0
+            await write(out, messages)
 
         async def answer(event: dict) -> None:
             # Acks and errors queue behind the events already due to this client (and batch with
@@ -596,19 +609,14 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                         await push_all(node.co_member_presence(user_id))
                         if batched:
                             async for event in sub.receive:
-                                out = []
-                                prepared = prepare(event)
-                                if prepared is not None:
-                                    out.append(prepared)
+                                queued = [event]
                                 # What is queued already goes in the same frame; never wait for more.
                                 for _ in range(WS_BATCH_MAX - 1):
                                     try:
-                                        prepared = prepare(sub.receive.receive_nowait())
+                                        queued.append(sub.receive.receive_nowait())
                                     except (trio.WouldBlock, trio.EndOfChannel):
                                         break
-                                    if prepared is not None:
-                                        out.append(prepared)
-                                await write(out)
+                                await push_all(queued)
                         else:
                             async for event in sub.receive:
                                 await push(event)

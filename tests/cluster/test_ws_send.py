@@ -230,8 +230,16 @@ async def test_batch_delivers_concurrent_sends_exactly_once_with_cursors(cluster
     for name in ("alice", "bob", "plain"):
         msgs = [e for e in flat(name) if e.get("type") == "message" and e.get("body") in bodies]
         assert sorted(e["body"] for e in msgs) == sorted(bodies), name  # each exactly once
-        assert all(e["cursor"] and e["room_id"] == room.room_id for e in msgs)
+        assert all(e["room_id"] == room.room_id for e in msgs)
         assert len({e["message_id"] for e in msgs}) == n
+        # A cursor on every frame that carries a message: on a lone message, or once on its batch.
+        for f in frames[name]:
+            if f.get("type") == "batch":
+                assert ("cursor" in f) == any(e.get("type") == "message" for e in f["events"])
+                assert all("cursor" not in e for e in f["events"])
+            elif f.get("type") == "message":
+                assert f["cursor"]
+    assert all("cursor" in f for f in frames["plain"] if f.get("type") == "message")
     acks = [e for e in flat("alice") if e.get("type") in ("ack", "error")]
     assert sorted(e["txn_id"] for e in acks) == sorted(f"b-{i}" for i in range(n))
     assert all(e["type"] == "ack" for e in acks), [e for e in acks if e["type"] != "ack"][:3]
@@ -242,7 +250,7 @@ async def test_batch_delivers_concurrent_sends_exactly_once_with_cursors(cluster
     assert batches and all(len(f["events"]) >= 2 for f in batches)
     assert all(f.get("type") != "batch" for f in frames["plain"])
     # The last cursor a client saw resumes with nothing missing and nothing repeated.
-    last_cursor = [e for e in flat("bob") if e.get("type") == "message"][-1]["cursor"]
+    last_cursor = [f["cursor"] for f in frames["bob"] if "cursor" in f][-1]
     async with open_websocket_url(cluster.ws(2) + f"/v1/events?token={room.bob}&batch=1&since={last_cursor}") as ws:
         await send_frame(ws, room.room_id, "tail", "after resume")  # bob may send: he is a member
         first = await next_matching(ws, lambda e: e.get("type") == "message")
