@@ -78,7 +78,7 @@ def node(
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
                                      help="Requests per second per user that change state, cluster-wide (0: off)."),
-    max_frames_per_s: float = typer.Option(50.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
+    max_frames_per_s: float = typer.Option(20.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
                                            help="Cap on the GossipSub frames this node publishes per second while it is "
                                                 "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
                                                 "frame and share it: lower saves CPU per message, higher adds less latency."),

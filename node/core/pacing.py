@@ -25,7 +25,7 @@ class FramePacer:
     frame carries many messages, and the CPU saved keeps the queues short). In between the rate
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
-    max_rate: float = 50.0               # frames per second at idle; 0 or less: no cap at all
+    max_rate: float = 20.0               # frames per second at idle; 0 or less: no cap at all
     min_rate: float = 10.0               # frames per second at or beyond busy_messages_per_s
     busy_messages_per_s: float = 500.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
