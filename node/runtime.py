@@ -235,9 +235,7 @@ class Node:
 
     async def create_room(self, user_id: str, name: object) -> Room:
         name = validate_name(name, "room name")
-        room = await self.registry.create_room(name, user_id)
-        await self.p2p.join_room(room.room_id)
-        return room
+        return await self.registry.create_room(name, user_id)
 
     def rooms_of(self, user_id: str) -> list[tuple[Room, Role]]:
         return self.cache.rooms_of(user_id)
@@ -489,18 +487,21 @@ class Node:
             except SmsError as err:
                 log.warning("repair paused: %s", err.message)
 
-    def _enqueue_publish(self, effect: Publish) -> None:
+    def _enqueue_publish(self, item: Publish | bytes) -> None:
+        """Queues messages (a Publish) or an encoded ops frame for the next bundle."""
         assert self._outbox_send is not None
         try:
-            self._outbox_send.send_nowait(effect)
+            self._outbox_send.send_nowait(item)
         except trio.WouldBlock:
-            # The outbox is deep; overflowing it means the mesh is far behind. Peers repair from
-            # history through sync; the message itself is already durable.
-            log.warning("publish outbox full; dropping a frame for room %s", effect.room_id)
+            # The outbox is deep; overflowing it means the mesh is far behind. Peers repair
+            # messages from history through sync (they are already durable); a lost typing or read
+            # hint is only late news.
+            log.warning("publish outbox full; dropping a frame")
 
     async def serve_publisher(self, receive: trio.MemoryReceiveChannel) -> None:
         """Batch on the hot path: wait out the publish window and the frame pacer, then take
-        everything queued meanwhile, one room frame per room, all in one bundle."""
+        everything queued meanwhile, one room frame per room (plus the ops frames), all in one
+        bundle."""
         pacer = FramePacer(self.config.max_frames_per_s, self.config.min_frames_per_s,
                            self.config.busy_messages_per_s)
         async for first in receive:
@@ -514,10 +515,14 @@ class Node:
                 except trio.WouldBlock:
                     break
             by_room: dict[str, list[Message]] = {}
-            for effect in batch:
-                by_room.setdefault(effect.room_id, []).extend(effect.messages)
+            frames: list[bytes] = []
+            for item in batch:
+                if isinstance(item, Publish):
+                    by_room.setdefault(item.room_id, []).extend(item.messages)
+                else:
+                    frames.append(item)
             pacer.note_messages(sum(len(m) for m in by_room.values()), trio.current_time())
-            frames = [
+            frames[:0] = [
                 encode_frame(room_id, self.p2p.peer_id, chunk)
                 for room_id, messages in by_room.items()
                 for chunk in chunk_messages(messages)
@@ -529,8 +534,12 @@ class Node:
     # -- edits, deletions, typing, read markers, presence
 
     async def _publish_ops(self, kind: int, room_id: str, ops: list[tuple]) -> None:
-        await self.p2p.publish(room_id, encode_ops(kind, room_id, self.p2p.peer_id, ops))
-        self.metrics.frames_out.inc()
+        frame = encode_ops(kind, room_id, self.p2p.peer_id, ops)
+        if kind == KIND_PRESENCE:  # cluster-wide, on its own topic
+            await self.p2p.publish(room_id, frame)
+            self.metrics.frames_out.inc()
+        else:
+            self._enqueue_publish(frame)
 
     async def edit_message(self, user_id: str, room_id: str, message_id: str, body: object) -> dict:
         self.require_member(room_id, user_id)
@@ -721,8 +730,8 @@ class Node:
             if origin != author:
                 raise FrameError("bundle names another origin than its author")
             decoded = [decode_frame(raw) for raw in frames]
-            if any(f.origin != author or f.kind != KIND_MESSAGES for f in decoded):
-                raise FrameError("a bundled frame is not a message frame of the bundle's author")
+            if any(f.origin != author or f.kind == KIND_PRESENCE for f in decoded):
+                raise FrameError("a bundled frame is not a room frame of the bundle's author")
         except FrameError:
             self.metrics.frames_rejected.inc()
             raise
@@ -932,18 +941,18 @@ class Node:
             await trio.sleep(1.0)
 
     async def serve_room_joins(self) -> None:
-        """Carry every room in the registry: subscribe to its topic as soon as the cache knows it."""
+        """Carry every room in the registry: know where its history stands as soon as the cache
+        knows the room, and forget it when it is deleted. (Rooms have no topics of their own: all
+        their traffic rides the bundle topic, so a room costs the mesh nothing while it is quiet.)"""
         joined: set[str] = set()
         while True:
             rooms = {r.room_id for r in self.cache.all_rooms()}
             for room_id in rooms - joined:
-                await self.p2p.join_room(room_id)
                 try:
                     await self.ready_room(room_id)
                 except SmsError as err:
                     log.warning("room %s not ready yet: %s", room_id, err.message)
             for room_id in joined - rooms:
-                await self.p2p.leave_room(room_id)
                 self._ready_rooms.discard(room_id)
                 self.tracker.drop_room(room_id)
             joined = rooms

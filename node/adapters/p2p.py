@@ -251,7 +251,7 @@ class P2PNode:
 
     async def _discovery_loop(self) -> None:
         """Keep the node in the mesh: reach the bootstrap peers, then find every peer that provides
-        the cluster key or one of our rooms through the DHT, and dial those we are not connected to.
+        the cluster key through the DHT, and dial those we are not connected to.
         Fast while joining, slower once settled."""
         interval = 0.2
         provided: set[str] = set()
@@ -263,7 +263,7 @@ class P2PNode:
                     await self.dht.add_peer(peer)
                 except Exception as exc:  # a peer that is not a DHT server: fine
                     log.debug("dht add_peer %s: %s", peer, exc)
-            keys = [NODES_KEY] + [f"sms-v1-room-{r}" for r in self._rooms if r]
+            keys = [NODES_KEY]
             for key in keys:
                 if self.host.get_connected_peers() and (key not in provided or interval >= 5):
                     try:

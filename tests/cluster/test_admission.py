@@ -47,16 +47,12 @@ class Rogue:
         )
 
     async def join(self, room: str) -> None:
-        """The room's topic (edits, typing, read markers) and the bundle topic (its messages)."""
-        await self.node.join_room(room)
+        """Room traffic all rides the bundle topic (the room argument documents intent)."""
         await self.node.join_room(BUNDLE_ROOM)
 
-    async def publish(self, room: str, frame: bytes, how: str) -> None:
-        """A frame as a lone message on the room's topic, or inside a bundle as nodes send it."""
-        if how == "bundle":
-            await self.node.publish(BUNDLE_ROOM, encode_bundle(self.node.peer_id, [frame]))
-        else:
-            await self.node.publish(room, frame)
+    async def publish(self, frame: bytes) -> None:
+        """A room frame inside a bundle, as nodes send it."""
+        await self.node.publish(BUNDLE_ROOM, encode_bundle(self.node.peer_id, [frame]))
 
 
 async def message_bodies(ws, seconds: float) -> list[str]:
@@ -117,8 +113,7 @@ async def test_an_unregistered_peer_with_the_key_gets_nothing_and_injects_nothin
                 # It forges a message from a real member and publishes it on the room's topic.
                 forged = Message(message_id_for(room, users[0][0], "forged"), room, users[0][0], "forged!", 1, "forged",
                                  rogue.node.peer_id, 1, 1)
-                await rogue.publish(room, encode_frame(room, rogue.node.peer_id, [forged]), "room")
-                await rogue.publish(room, encode_frame(room, rogue.node.peer_id, [forged]), "bundle")
+                await rogue.publish(encode_frame(room, rogue.node.peer_id, [forged]))
                 # Its sync requests are refused.
                 reply = await rogue.node.sync_request(cluster.info["nodes"][0]["peer_id"], msgpack.packb([1, {room: {}}]))
                 assert reply is None
@@ -171,8 +166,7 @@ async def test_a_removed_node_stops_receiving_room_traffic_within_a_second(clust
                     await trio.sleep(0.1)
 
 
-@pytest.mark.parametrize("how", ["room", "bundle"])
-async def test_fuzzed_frames_from_an_admitted_peer_are_rejected_and_penalised(cluster: ClusterProcess, how: str) -> None:
+async def test_fuzzed_frames_from_an_admitted_peer_are_rejected_and_penalised(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         room, users = await setup_room(cluster, http)
         rogue = Rogue(cluster, secret=cluster_secret(cluster))
@@ -201,11 +195,10 @@ async def test_fuzzed_frames_from_an_admitted_peer_are_rejected_and_penalised(cl
                             data = good[: rng.randrange(len(good))]
                         else:
                             data = b"\x01" + os.urandom(64)
-                        if how == "bundle" and k % 8 >= 4:
-                            data = b"\x02" + data  # bundle-shaped garbage, not a bundled frame
-                            await rogue.node.publish(BUNDLE_ROOM, data)
+                        if k % 8 >= 4:
+                            await rogue.node.publish(BUNDLE_ROOM, b"\x02" + data)  # a garbled bundle
                         else:
-                            await rogue.publish(room, data, how)
+                            await rogue.publish(data)  # a garbled frame in a good bundle
                         await trio.sleep(0.02)
                     received = []
                     with trio.move_on_after(3):
@@ -229,8 +222,7 @@ async def test_fuzzed_frames_from_an_admitted_peer_are_rejected_and_penalised(cl
         assert all(score < 0 for score in scores)
 
 
-@pytest.mark.parametrize("how", ["room", "bundle"])
-async def test_an_admitted_node_publishing_for_a_user_without_a_session_reaches_no_client(cluster: ClusterProcess, how: str) -> None:
+async def test_an_admitted_node_publishing_for_a_user_without_a_session_reaches_no_client(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         room, users = await setup_room(cluster, http)
         (_, alice), (bob_id, bob), (_, carol) = users
@@ -248,7 +240,7 @@ async def test_an_admitted_node_publishing_for_a_user_without_a_session_reaches_
                     await trio.sleep(2)
                     forged = Message(message_id_for(room, bob_id, "ghost"), room, bob_id, "a ghost writes", 1 << 16,
                                      "ghost", rogue.node.peer_id, 1, 1)
-                    await rogue.publish(room, encode_frame(room, rogue.node.peer_id, [forged]), how)
+                    await rogue.publish(encode_frame(room, rogue.node.peer_id, [forged]))
                     r = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/real", json={"body": "real"},
                                        headers={"Authorization": f"Bearer {alice}"})
                     assert r.status_code == 200
