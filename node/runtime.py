@@ -506,6 +506,7 @@ class Node:
                            self.config.busy_messages_per_s)
         async for first in receive:
             await trio.sleep(self.config.publish_window_ms / 1000)
+            pacer.set_cluster_size(self.cache.node_count())
             await trio.sleep(pacer.delay(trio.current_time()))
             pacer.spend(trio.current_time())
             batch = [first]

@@ -151,9 +151,12 @@ class P2PNode:
         )
         self.gossipsub = GossipSub(
             [PROTOCOL_ID_V11],
-            degree=6,
-            degree_low=4,
-            degree_high=12,
+            # A small mesh: every receiver forwards a frame to its mesh peers, so with go-libp2p's
+            # D=6 each node got every frame up to 6 times once the cluster passed 4 nodes. Our
+            # peers are admitted and few; 3 keeps a 10-node mesh at a few hops (docs/protocol.md).
+            degree=3,
+            degree_low=2,
+            degree_high=4,
             heartbeat_interval=1,
             heartbeat_initial_delay=0.1,
             adaptive_gossip_enabled=False,

@@ -18,6 +18,9 @@ from .envelope import MAX_BUNDLE_BYTES
 from .model import Message
 
 
+REFERENCE_NODES = 3
+
+
 @dataclass
 class FramePacer:
     """A token bucket whose rate falls as the node gets busier: frames are cheap while the node is
@@ -30,10 +33,17 @@ class FramePacer:
     busy_messages_per_s: float = 500.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
+    # This node's share of the frame budget. The rates above are a node's in a cluster of up to
+    # REFERENCE_NODES; in a bigger one every node receives every other node's frames, so each
+    # gets a proportionally smaller share (set_cluster_size) and the cluster's total stays put.
+    share: float = 1.0
     _tokens: float | None = field(default=None, repr=False)  # None: never used, a full bucket
     _at: float = field(default=0.0, repr=False)
     _messages_per_s: float = field(default=0.0, repr=False)
     _noted_at: float | None = field(default=None, repr=False)
+
+    def set_cluster_size(self, nodes: int) -> None:
+        self.share = min(1.0, REFERENCE_NODES / max(1, nodes))
 
     def note_messages(self, count: int, now: float) -> None:
         """Feeds the message-rate estimate (an exponentially decaying average)."""
@@ -50,7 +60,8 @@ class FramePacer:
         if self._noted_at is not None:
             load *= math.exp(-max(0.0, now - self._noted_at) / self.window_s)
         busy = min(1.0, load / self.busy_messages_per_s) if self.busy_messages_per_s > 0 else 1.0
-        return max(min(self.min_rate, self.max_rate), self.max_rate - (self.max_rate - self.min_rate) * busy)
+        rate = max(min(self.min_rate, self.max_rate), self.max_rate - (self.max_rate - self.min_rate) * busy)
+        return rate * self.share
 
     def _refill(self, now: float) -> float:
         if self._tokens is None:

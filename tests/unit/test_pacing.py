@@ -86,6 +86,13 @@ def test_a_busy_node_sends_fewer_frames_each_carrying_more() -> None:
     assert frames_in_10s(2000) < frames_in_10s(100)
 
 
+def test_in_a_bigger_cluster_each_node_gets_a_smaller_share_of_the_frame_budget() -> None:
+    pacer = FramePacer(max_rate=20, min_rate=10)
+    for nodes, rate in ((1, 20), (3, 20), (6, 10), (10, 6)):
+        pacer.set_cluster_size(nodes)
+        assert pacer.rate(0.0) == pytest.approx(rate)
+
+
 def test_zero_rate_means_no_cap() -> None:
     pacer = FramePacer(max_rate=0)
     for _ in range(1000):
