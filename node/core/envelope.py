@@ -112,18 +112,23 @@ def _int(value: object, what: str) -> int:
     return value
 
 
-def decode_frame(data: bytes) -> Frame:
-    if len(data) > MAX_FRAME_BYTES:
-        raise FrameError(f"frame of {len(data)} bytes is over the {MAX_FRAME_BYTES} cap")
-    if not data or data[0] != VERSION:
-        raise FrameError("unknown frame version")
+def _unpack(data: bytes, what: str, version: int, cap: int, length: int) -> list:
+    """`version byte || msgpack(list of `length`)` under `cap` bytes, or FrameError."""
+    if len(data) > cap:
+        raise FrameError(f"{what} of {len(data)} bytes is over the {cap} cap")
+    if not data or data[0] != version:
+        raise FrameError(f"unknown {what} version")
     try:
         body = msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises many unrelated types on garbage
-        raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
-    if not isinstance(body, list) or len(body) != 4:
-        raise FrameError("frame is not a 4-list")
-    kind, room_id, origin, items = body
+        raise FrameError(f"undecodable {what}: {type(exc).__name__}") from None
+    if not isinstance(body, list) or len(body) != length:
+        raise FrameError(f"{what} is not a {length}-list")
+    return body
+
+
+def decode_frame(data: bytes) -> Frame:
+    kind, room_id, origin, items = _unpack(data, "frame", VERSION, MAX_FRAME_BYTES, 4)
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind!r}")
     room_id = _str(room_id, "room id")
@@ -164,17 +169,7 @@ def encode_bundle(origin: str, frames: list[bytes]) -> bytes:
 def decode_bundle(data: bytes) -> tuple[str, list[bytes]]:
     """The bundle's origin and its room frames, still encoded: each is decoded and checked on
     its own (decode_frame), so one bad frame is one rejected frame."""
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise FrameError(f"bundle of {len(data)} bytes is over the {MAX_BUNDLE_BYTES} cap")
-    if not data or data[0] != BUNDLE_VERSION:
-        raise FrameError("unknown bundle version")
-    try:
-        body = msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many unrelated types on garbage
-        raise FrameError(f"undecodable bundle: {type(exc).__name__}") from None
-    if not isinstance(body, list) or len(body) != 2:
-        raise FrameError("bundle is not a 2-list")
-    origin, frames = body
+    origin, frames = _unpack(data, "bundle", BUNDLE_VERSION, MAX_BUNDLE_BYTES, 2)
     origin = _str(origin, "origin", 128)
     if not isinstance(frames, list) or not frames or len(frames) > MAX_FRAMES_PER_BUNDLE:
         raise FrameError("bad frame list")
