@@ -89,6 +89,9 @@ SYNC_REPLY_MESSAGES = 5_000
 NODE_LEASE_TTL_S = 10
 
 
+CACHE_CATCH_UP_S = 2.0  # how long a registry change waits for this node's cache to show it
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -233,9 +236,19 @@ class Node:
 
     # -- rooms
 
+    async def _until_cached(self, seen) -> None:
+        """Read your writes: after a registry change made here, wait (briefly) until the
+        watch-fed cache shows it, so the caller's next request on this node sees what it just did.
+        If the watch lags more than that, the change is still made; later requests catch up."""
+        with trio.move_on_after(CACHE_CATCH_UP_S):
+            while not seen():
+                await trio.sleep(0.002)
+
     async def create_room(self, user_id: str, name: object) -> Room:
         name = validate_name(name, "room name")
-        return await self.registry.create_room(name, user_id)
+        room = await self.registry.create_room(name, user_id)
+        await self._until_cached(lambda: self.cache.room(room.room_id) is not None)
+        return room
 
     def rooms_of(self, user_id: str) -> list[tuple[Room, Role]]:
         return self.cache.rooms_of(user_id)
@@ -244,13 +257,16 @@ class Node:
         if role not in ("member", "admin"):
             raise BadRequest("role must be 'member' or 'admin'")
         await self.registry.set_member(room_id, actor_id, user_id, role)  # type: ignore[arg-type]
+        await self._until_cached(lambda: self.cache.role(room_id, user_id) == role)
 
     async def remove_member(self, actor_id: str, room_id: str, user_id: str) -> None:
         await self.registry.remove_member(room_id, actor_id, user_id)
+        await self._until_cached(lambda: not self.cache.is_member(room_id, user_id))
 
     async def delete_room(self, actor_id: str, room_id: str) -> None:
         self.require_member(room_id, actor_id)
         await self.registry.delete_room(room_id, actor_id)
+        await self._until_cached(lambda: self.cache.room(room_id) is None)
         # The registry decided; history stops serving the room (retried by nobody if this fails,
         # but no node serves a room the registry no longer has).
         try:

@@ -176,3 +176,27 @@ async def test_bad_requests_get_clear_errors(cluster: ClusterProcess) -> None:
             assert r.status_code in (expected if isinstance(expected, tuple) else (expected,)), (r.status_code, r.text)
             body = r.json()
             assert set(body["error"]) >= {"code", "message"} and body["error"]["message"]
+
+
+async def test_a_node_reads_its_own_registry_writes(cluster: ClusterProcess) -> None:
+    """Create a room, add a member, remove them: each next request on the same node sees the
+    change at once (the node waits for its watch-fed cache before answering)."""
+    suffix = uuid.uuid4().hex[:8]
+    base = cluster.http(1)
+    _, alice = await register_and_login(base, f"alice-ryw-{suffix}")
+    bob_id, bob = await register_and_login(base, f"bob-ryw-{suffix}")
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for i in range(10):
+            r = await http.post("/v1/rooms", json={"name": f"ryw-{suffix}-{i}"}, headers=auth(alice))
+            assert r.status_code == 201, r.text
+            room = r.json()["room_id"]
+            r = await http.put(f"/v1/rooms/{room}/messages/first", json={"body": "at once"}, headers=auth(alice))
+            assert r.status_code == 200, (i, r.text)
+            r = await http.put(f"/v1/rooms/{room}/members/{bob_id}", json={"role": "member"}, headers=auth(alice))
+            assert r.status_code in (200, 204), r.text
+            r = await http.put(f"/v1/rooms/{room}/messages/bob", json={"body": "me too"}, headers=auth(bob))
+            assert r.status_code == 200, (i, r.text)
+            r = await http.delete(f"/v1/rooms/{room}/members/{bob_id}", headers=auth(alice))
+            assert r.status_code in (200, 204), r.text
+            r = await http.put(f"/v1/rooms/{room}/messages/bob-again", json={"body": "still?"}, headers=auth(bob))
+            assert r.status_code == 403, (i, r.text)
