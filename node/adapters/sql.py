@@ -114,6 +114,13 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "40003"})
 _MIN_CONNECTION_WAIT = 0.05
 
 _COLS = "room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev"
+# Multi-argument unnest zips the arrays into rows (PostgreSQL; CockroachDB has the same builtin).
+_INSERT_MESSAGES = (
+    f"INSERT INTO messages ({_COLS}) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
+    "%s::text[], %s::bigint[], %s::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
+)
 
 
 # -- storage checks and cursors (shared with the fake in tests/fakes/history.py) -------------------
@@ -601,15 +608,14 @@ class SqlHistory:
         inserted: set[tuple[str, str]] = set()
         with conn.cursor() as cur:
             for chunk in _chunks(fresh, _CHUNK):
-                values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
-                params: list[object] = []
-                for m in chunk:
-                    params += [m.room_id, m.message_id, m.sender, m.txn_id, m.body, m.ts, m.origin, m.seq, m.membership_rev]
-                cur.execute(
-                    f"INSERT INTO messages ({_COLS}) VALUES {values} "
-                    "ON CONFLICT DO NOTHING RETURNING room_id, message_id",
-                    params,
-                )
+                # One column array per parameter: the statement's text is the same whatever the
+                # batch size, so it is parsed and planned once per connection (prepared), where a
+                # VALUES list of n rows was a new statement for every n.
+                cur.execute(_INSERT_MESSAGES, [
+                    [m.room_id for m in chunk], [m.message_id for m in chunk], [m.sender for m in chunk],
+                    [m.txn_id for m in chunk], [m.body for m in chunk], [m.ts for m in chunk],
+                    [m.origin for m in chunk], [m.seq for m in chunk], [m.membership_rev for m in chunk],
+                ])
                 inserted.update((r[0], r[1]) for r in cur.fetchall())
 
             by_id: dict[tuple[str, str], Message] = {}
