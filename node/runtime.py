@@ -9,8 +9,9 @@ joined the mesh and reached etcd and the database.
 
 Effects from the room core are carried out in the order the core returns them; the order is the
 durability contract (node/core/rooms.py): Persist, then Reply to the sender, then Deliver to local
-WebSocket clients and Publish to peers. Publishing is batched: every message accepted within one
-publish window for one room travels in one GossipSub frame.
+WebSocket clients and Publish to peers. Publishing is batched and paced: everything queued while
+the publisher waits for its next frame token (node/core/pacing.py) travels in one bundle, one
+GossipSub message carrying a frame per room (docs/protocol.md, "Bundles and frame pacing").
 
 Errors: adapters raise only sms.node.errors types. A ClientError goes back to the client as 4xx,
 Unavailable as 503; a bad frame from a peer is counted and dropped; anything else is our bug and
