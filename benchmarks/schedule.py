@@ -82,14 +82,17 @@ class Plan:
 
 
 def client_plan(workload: Workload, nodes: int) -> Plan:
-    """C clients spread round-robin over `nodes` nodes and K rooms (client c: node c % N, room c % K);
-    the first S clients send, each into its own room. Spreading both ways means a room's members sit
-    on different nodes, so most deliveries cross the mesh."""
+    """C clients over `nodes` nodes and K rooms: client c is member j = c // K of room r = c % K
+    and sits on node (r + j) % N; the first S clients send, each into its own room.
+
+    A room's members go to consecutive nodes, so every room spans min(N, its members) nodes
+    whatever K and N are, and most deliveries cross the mesh. (Node c % N did not: with K = N = 3
+    each room lived on one node and no delivery crossed it.)"""
     if nodes < 1:
         raise ValueError("need at least one node")
     c, k = workload.clients, workload.rooms
     return Plan(
-        client_nodes=tuple(i % nodes for i in range(c)),
+        client_nodes=tuple((i % k + i // k) % nodes for i in range(c)),
         client_rooms=tuple(frozenset({i % k}) for i in range(c)),
         senders=tuple((i, i % k) for i in range(workload.senders)),
         rooms=k,
