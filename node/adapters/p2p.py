@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,60 @@ log = logging.getLogger("sms.p2p")
 # until half the window is consumed; py-libp2p reads this knob at each read, so setting it here,
 # before any connection exists, applies to the whole node. An operator's own setting wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+# py-libp2p attaches this host's signed peer record to every pubsub RPC it sends, rebuilding the
+# host's address list to check the record is current (multiaddr parsing: ~15% of a node's CPU at
+# 200 frames/s), and every receiver parses the envelope and verifies its signature again. The
+# record only changes when the listen addresses do, so the sender reuses it for
+# PEER_RECORD_REUSE_S and the receiver skips a record it accepted from the same peer, byte for
+# byte, within that time. Behaviour is otherwise unchanged: a new or different record is checked
+# in full, and one that fails is never cached.
+PEER_RECORD_REUSE_S = 10.0
+_PEER_RECORDS_SEEN_MAX = 4096
+
+
+def _reuse_signed_peer_records(clock: Callable[[], float]) -> None:
+    import libp2p.pubsub.gossipsub as gossipsub_module
+    import libp2p.pubsub.pubsub as pubsub_module
+
+    if getattr(pubsub_module, "_sms_reuses_peer_records", False):
+        return
+    make_record = pubsub_module.env_to_send_in_RPC
+    check_record = pubsub_module.maybe_consume_signed_record
+    issued: dict[int, tuple[float, tuple[bytes, bool]]] = {}   # id(host) -> (when, record)
+    accepted: dict[tuple[int, str, bytes], float] = {}          # (id(host), peer, record) -> when
+
+    def env_to_send_in_RPC(host):  # noqa: N802 - py-libp2p's name
+        now = clock()
+        hit = issued.get(id(host))
+        if hit is not None and now - hit[0] < PEER_RECORD_REUSE_S:
+            return hit[1][0], False
+        record = make_record(host)
+        issued[id(host)] = (now, record)
+        return record
+
+    def maybe_consume_signed_record(msg, host, peer_id) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (id(host), str(peer_id), msg.senderRecord)
+        now = clock()
+        when = accepted.get(key)
+        if when is not None and now - when < PEER_RECORD_REUSE_S:
+            return True
+        ok = check_record(msg, host, peer_id)
+        if ok:
+            if len(accepted) >= _PEER_RECORDS_SEEN_MAX:
+                accepted.clear()
+            accepted[key] = now
+        return ok
+
+    for module in (pubsub_module, gossipsub_module):
+        module.env_to_send_in_RPC = env_to_send_in_RPC
+        module.maybe_consume_signed_record = maybe_consume_signed_record
+    pubsub_module._sms_reuses_peer_records = True
+
+
+_reuse_signed_peer_records(time.monotonic)
 
 TOPIC_PREFIX = "sms/v1/room/"
 PRESENCE_TOPIC = "sms/v1/presence"
