@@ -5,8 +5,9 @@ receives it, whatever the frame's size. So the publisher caps the frame rate ins
 rate: while the cap is not reached a frame goes at once (low latency when the cluster is quiet);
 once it is, the publisher waits for the next token and everything queued meanwhile rides in that
 one frame (throughput under load, at the cost of at most 1/rate of added latency). The cap itself
-falls as the node's message rate rises (docs/benchmarks.md has the measurements behind the
-defaults: at 2,000 sends/s on 3 nodes, 10 frames/s held p99 near 100 ms where 20 gave 360 ms).
+falls as the node's message rate rises. The defaults are measured (docs/benchmarks.md, "Frame
+pacing"): a room's members on all 3 nodes, 100 frames/s kept p99 at 12 ms at 100 sends/s where 20
+gave 58 ms (the wait for a token); 20 frames/s once busy held 1,200 sends/s where 50 failed.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class FramePacer:
     frame carries many messages, and the CPU saved keeps the queues short). In between the rate
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
-    max_rate: float = 20.0               # frames per second at idle; 0 or less: no cap at all
-    min_rate: float = 10.0               # frames per second at or beyond busy_messages_per_s
-    busy_messages_per_s: float = 500.0
+    max_rate: float = 100.0              # frames per second at idle; 0 or less: no cap at all
+    min_rate: float = 20.0               # frames per second at or beyond busy_messages_per_s
+    busy_messages_per_s: float = 250.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
     # This node's share of the frame budget. The rates above are a node's in a cluster of up to
