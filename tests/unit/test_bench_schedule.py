@@ -62,3 +62,20 @@ def test_message_bodies_have_the_requested_size_and_parse_back():
         assert parse_body(junk) is None
     with pytest.raises(ValueError):
         message_body(1, 10**20, 8)
+
+
+@pytest.mark.parametrize("clients, senders, rooms, nodes", [
+    (30, 6, 3, 3),        # the sweep's default: K = N, where node c % N put each room on one node
+    (30, 6, 3, 5), (30, 6, 3, 10), (10000, 100, 50, 3), (100, 10, 7, 4),
+])
+def test_client_plan_spreads_every_room_over_the_nodes(clients, senders, rooms, nodes):
+    """Deliveries must cross the mesh: a room with at least N members has members on every node,
+    clients are balanced over the nodes, and the senders are spread too."""
+    plan = client_plan(Workload(clients=clients, senders=senders, rooms=rooms), nodes)
+    for r in range(rooms):
+        members = plan.members(r)
+        assert len({plan.client_nodes[c] for c in members}) == min(nodes, len(members))
+    per_node = [plan.client_nodes.count(n) for n in range(nodes)]
+    assert max(per_node) - min(per_node) <= 1 + clients // rooms // nodes
+    # the first S clients send: rooms 0..K-1 on nodes 0..K-1, then the same rooms one node on
+    assert len({plan.client_nodes[c] for c, _ in plan.senders}) >= min(nodes, senders, rooms + 1)
