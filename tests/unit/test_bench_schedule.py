@@ -39,8 +39,10 @@ def test_workload_limits():
 def test_client_plan_spreads_clients_over_nodes_and_rooms():
     w = Workload(clients=12, senders=3, rooms=3)
     plan = client_plan(w, nodes=4)
-    assert plan.client_nodes[:5] == (0, 1, 2, 3, 0)
+    # client c is member c // 3 of room c % 3, on node (c % 3 + c // 3) % 4
+    assert plan.client_nodes == (0, 1, 2, 1, 2, 3, 2, 3, 0, 3, 0, 1)
     assert plan.members(1) == (1, 4, 7, 10)
+    assert [plan.client_nodes[c] for c in plan.members(1)] == [1, 2, 3, 0]  # every node
     assert plan.senders == ((0, 0), (1, 1), (2, 2))
     # recipients: the room's members but the sender, on several nodes
     assert plan.recipients(1) == (4, 7, 10)
