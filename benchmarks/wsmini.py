@@ -1,0 +1,344 @@
+"""A lean RFC 6455 WebSocket client on raw trio streams, for the benchmark load generator only.
+
+Why: the generator shares the machine's two cores with the nodes it measures, and trio-websocket
+(wsproto underneath, a reader task, memory channels and event objects per message) was about a
+third of the generator's CPU. This client has no background task: `get_message` reads the socket
+itself, 64 KiB at a time, parses every complete frame of the read at once and keeps the messages in
+a deque, so the next calls return without awaiting. Masking XORs the whole payload as one integer.
+
+What it does not do: TLS (ws:// only), extensions or compression, subprotocols, custom headers,
+the server side. One task reads (`get_message`); any number of tasks may send (a lock keeps
+their frames whole). Nothing reads ahead of the reader: a slow reader leaves data in the kernel.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+import trio
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+MAX_MESSAGE = 16 * 1024 * 1024
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class CloseReason:
+    code: int | None   # 1005: the peer's close frame had no code; 1006: no close frame at all
+    reason: str
+
+
+class ConnectionClosed(Exception):
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(f"WebSocket closed: code {reason.code} {reason.reason!r}")
+        self.reason = reason
+
+
+class HandshakeError(Exception):
+    def __init__(self, status: int | None, body_head: bytes, detail: str = "") -> None:
+        what = detail or ("server closed the connection during the handshake" if status is None
+                          else f"HTTP {status} instead of 101 Switching Protocols")
+        super().__init__(f"WebSocket handshake failed: {what}; response starts {body_head[:300]!r}")
+        self.status = status
+        self.body_head = body_head
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455; `code` is the close code to answer with."""
+
+    def __init__(self, message: str, code: int = 1002) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def accept_key(key: str) -> str:
+    """The Sec-WebSocket-Accept a server must answer to `key`."""
+    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
+
+
+def mask_payload(payload: bytes, mask: bytes) -> bytes:
+    """XOR with the repeated 4-byte key (masking and unmasking are the same operation)."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None, fin: bool = True) -> bytes:
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    m = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((b0, m | n))
+    elif n < 65536:
+        head = bytes((b0, m | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, m | 127)) + n.to_bytes(8, "big")
+    if mask:
+        return head + mask + mask_payload(payload, mask)
+    return head + payload
+
+
+class FrameParser:
+    """Incremental: `feed` any split of the byte stream, get back the complete frames as
+    (fin, opcode, unmasked payload); a partial frame waits in the buffer for the next feed."""
+
+    def __init__(self, max_size: int = MAX_MESSAGE) -> None:
+        self.buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> list[tuple[bool, int, bytes]]:
+        if self.buf:
+            self.buf += data
+            buf: bytes | bytearray = self.buf
+        else:  # the usual case, a read that starts at a frame: slice the bytes with one copy
+            buf = bytes(data)
+        end = len(buf)
+        pos = 0
+        out = []
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            if b0 & 0x70:
+                raise ProtocolError("reserved bits set, but no extension was negotiated")
+            opcode = b0 & 0x0F
+            if opcode not in _OPCODES:
+                raise ProtocolError(f"unknown opcode {opcode:#x}")
+            n = b1 & 0x7F
+            p = pos + 2
+            if n == 126:
+                if end - p < 2:
+                    break
+                n = int.from_bytes(buf[p:p + 2], "big")
+                p += 2
+            elif n == 127:
+                if end - p < 8:
+                    break
+                n = int.from_bytes(buf[p:p + 8], "big")
+                p += 8
+            if opcode >= 0x8 and (n > 125 or not b0 & 0x80):
+                raise ProtocolError("control frame longer than 125 bytes or fragmented")
+            if n > self.max_size:
+                raise ProtocolError(f"frame of {n} bytes exceeds the {self.max_size}-byte limit", 1009)
+            mask = None
+            if b1 & 0x80:
+                if end - p < 4:
+                    break
+                mask = bytes(buf[p:p + 4])
+                p += 4
+            if end - p < n:
+                break
+            payload = bytes(buf[p:p + n]) if buf is self.buf else buf[p:p + n]
+            out.append((bool(b0 & 0x80), opcode, mask_payload(payload, mask) if mask else payload))
+            pos = p + n
+        if buf is self.buf:
+            del self.buf[:pos]
+        elif pos < end:
+            self.buf = bytearray(buf[pos:])
+        return out
+
+
+class WebSocket:
+    """An open client connection (see the module docstring for what it does and does not do)."""
+
+    def __init__(self, stream: trio.abc.Stream, leftover: bytes = b"", max_message_size: int = MAX_MESSAGE) -> None:
+        self._stream = stream
+        self._parser = FrameParser(max_message_size)
+        self._max = max_message_size
+        self._messages: deque[str | bytes] = deque()
+        self._frag_op: int | None = None    # opcode of the fragmented message being reassembled
+        self._frags: list[bytes] = []
+        self._frag_len = 0
+        self._lock = trio.Lock()
+        self._closed: CloseReason | None = None   # no more frames will be read
+        self._close_sent = False
+        self._leftover = leftover                 # bytes that came with the handshake response
+
+    @property
+    def closed(self) -> CloseReason | None:
+        return self._closed
+
+    async def get_message(self) -> str | bytes:
+        """The next message: str for text, bytes for binary. Buffered messages are returned without
+        awaiting; then ConnectionClosed once the connection is closed."""
+        while not self._messages:
+            if self._closed is not None:
+                raise ConnectionClosed(self._closed)
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                try:
+                    data = await self._stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if not data:
+                self._closed = self._closed or CloseReason(1006, "connection lost without a close frame")
+                break
+            await self._process(data)
+        if self._messages:
+            return self._messages.popleft()
+        raise ConnectionClosed(self._closed)  # type: ignore[arg-type]
+
+    async def _process(self, data: bytes) -> None:
+        # Every frame is handled before anything is awaited: a cancelled reply loses no message.
+        pongs: list[bytes] = []
+        close_reply: bytes | None = None
+        try:
+            for fin, op, payload in self._parser.feed(data):
+                if op == OP_TEXT or op == OP_BINARY:
+                    if self._frag_op is not None:
+                        raise ProtocolError("new message inside a fragmented one")
+                    if fin:
+                        self._messages.append(payload.decode() if op == OP_TEXT else payload)
+                    else:
+                        self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
+                elif op == OP_CONT:
+                    if self._frag_op is None:
+                        raise ProtocolError("continuation frame without a message to continue")
+                    self._frags.append(payload)
+                    self._frag_len += len(payload)
+                    if self._frag_len > self._max:
+                        raise ProtocolError(f"message exceeds the {self._max}-byte limit", 1009)
+                    if fin:
+                        whole = b"".join(self._frags)
+                        self._messages.append(whole.decode() if self._frag_op == OP_TEXT else whole)
+                        self._frag_op, self._frags, self._frag_len = None, [], 0
+                elif op == OP_PING:
+                    pongs.append(payload)
+                elif op == OP_CLOSE:
+                    if len(payload) == 1:
+                        raise ProtocolError("close frame with a 1-byte payload")
+                    code = int.from_bytes(payload[:2], "big") if payload else 1005
+                    self._closed = CloseReason(code, payload[2:].decode(errors="replace"))
+                    close_reply = payload[:2]   # echo the code (none if there was none)
+                    break                       # nothing after a close frame counts
+        except UnicodeDecodeError:
+            self._closed = CloseReason(1007, "text message is not valid UTF-8")
+            close_reply = (1007).to_bytes(2, "big")
+        except ProtocolError as exc:
+            self._closed = CloseReason(exc.code, str(exc))
+            close_reply = exc.code.to_bytes(2, "big")
+        try:
+            for p in pongs:
+                if not self._close_sent:
+                    await self._send_frame(OP_PONG, p)
+            if close_reply is not None and not self._close_sent:
+                self._close_sent = True
+                await self._send_frame(OP_CLOSE, close_reply)
+        except ConnectionClosed:
+            pass
+
+    async def send_message(self, data: str | bytes) -> None:
+        """One frame, FIN set: text for str, binary for bytes."""
+        if self._close_sent or self._closed is not None:
+            raise ConnectionClosed(self._closed or CloseReason(1000, "closed locally"))
+        if isinstance(data, str):
+            await self._send_frame(OP_TEXT, data.encode())
+        else:
+            await self._send_frame(OP_BINARY, bytes(data))
+
+    async def _send_frame(self, opcode: int, payload: bytes) -> None:
+        frame = encode_frame(opcode, payload, os.urandom(4))
+        async with self._lock:
+            try:
+                await self._stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._closed = self._closed or CloseReason(1006, "connection lost")
+                raise ConnectionClosed(self._closed) from None
+
+    async def aclose(self, code: int = 1000, reason: str = "", timeout: float = 1.0) -> None:
+        """Send a close frame if none was sent yet (bounded by `timeout`, shielded from
+        cancellation), then close the stream. Does not wait for the server's answering close."""
+        try:
+            if not self._close_sent and (self._closed is None or self._closed.code != 1006):
+                self._close_sent = True
+                with trio.move_on_after(timeout) as scope:
+                    scope.shield = True
+                    try:
+                        await self._send_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:123])
+                    except ConnectionClosed:
+                        pass
+        finally:
+            self._closed = self._closed or CloseReason(code, reason or "closed locally")
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+
+def _parse_url(url: str) -> tuple[str, int, str, str]:
+    u = urlsplit(url)
+    if u.scheme != "ws" or not u.hostname:
+        raise ValueError(f"only ws://host[:port]/path URLs are supported, not {url!r}")
+    port = u.port or 80
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    return u.hostname, port, target, host if u.port is None else f"{host}:{port}"
+
+
+async def client_handshake(stream: trio.abc.Stream, host_header: str, target: str) -> bytes:
+    """Send the upgrade request and check the answer; returns bytes read past the response head."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all((f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > 65536:
+            raise HandshakeError(None, bytes(buf), "response head longer than 64 KiB")
+        chunk = await stream.receive_some(READ_SIZE)
+        if not chunk:
+            raise HandshakeError(None, bytes(buf))
+        buf += chunk
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise HandshakeError(None, bytes(buf), f"not an HTTP response: {lines[0]!r}")
+    status = int(parts[1])
+    if status != 101:
+        raise HandshakeError(status, bytes(buf))
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("upgrade", "").lower() != "websocket":
+        raise HandshakeError(status, bytes(buf), "101 response without Upgrade: websocket")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise HandshakeError(status, bytes(buf), "wrong Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions"):
+        raise HandshakeError(status, bytes(buf), "server chose an extension that was not offered")
+    return bytes(buf[end + 4:])
+
+
+async def connect_websocket_url(url: str, connect_timeout: float = 60,
+                                max_message_size: int = MAX_MESSAGE) -> WebSocket:
+    """Open the TCP connection and do the handshake, all within `connect_timeout`
+    (trio.TooSlowError otherwise). The caller must `aclose()` the result."""
+    host, port, target, host_header = _parse_url(url)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        try:
+            leftover = await client_handshake(stream, host_header, target)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    return WebSocket(stream, leftover, max_message_size)
+
+
+@asynccontextmanager
+async def open_websocket_url(url: str, connect_timeout: float = 60, *, max_message_size: int = MAX_MESSAGE,
+                             message_queue_size: int | None = None) -> AsyncIterator[WebSocket]:
+    """`async with open_websocket_url("ws://host:port/path?q") as ws:`; closes with 1000 on exit.
+    `message_queue_size` is accepted for trio-websocket's signature and ignored (there is no queue)."""
+    ws = await connect_websocket_url(url, connect_timeout, max_message_size)
+    try:
+        yield ws
+    finally:
+        await ws.aclose()
