@@ -53,8 +53,8 @@ log = logging.getLogger("sms.p2p")
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 # py-libp2p attaches this host's signed peer record to every pubsub RPC it sends, rebuilding the
-# host's address list to check the record is current (multiaddr parsing: ~15% of a node's CPU at
-# 200 frames/s), and every receiver parses the envelope and verifies its signature again. The
+# host's address list to check the record is current (multiaddr parsing: ~8% of a node's CPU at
+# ~200 frames/s), and every receiver parses the envelope and verifies its signature again. The
 # record only changes when the listen addresses do, so the sender reuses it for
 # PEER_RECORD_REUSE_S and the receiver skips a record it accepted from the same peer, byte for
 # byte, within that time. Behaviour is otherwise unchanged: a new or different record is checked
