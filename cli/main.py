@@ -83,7 +83,7 @@ def node(
                                                 "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
                                                 "frame and share it: lower saves CPU per message, higher adds less latency."),
     min_frames_per_s: float = typer.Option(20.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
-                                           help="The cap once this node handles 250 messages/s or more; in between it "
+                                           help="The cap once this node handles 100 messages/s or more; in between it "
                                                 "falls linearly from --max-frames-per-s."),
     allow_origin: List[str] = typer.Option([], "--allow-origin",
                                            help="Extra Origin allowed to open the WebSocket (repeatable; the node's own is always allowed)."),

@@ -7,7 +7,8 @@ once it is, the publisher waits for the next token and everything queued meanwhi
 one frame (throughput under load, at the cost of at most 1/rate of added latency). The cap itself
 falls as the node's message rate rises. The defaults are measured (docs/benchmarks.md, "Frame
 pacing"): a room's members on all 3 nodes, 100 frames/s kept p99 at 12 ms at 100 sends/s where 20
-gave 58 ms (the wait for a token); 20 frames/s once busy held 1,200 sends/s where 50 failed.
+gave 58 ms (the wait for a token); falling to 20 frames/s by 100 messages/s per node kept the
+middle loads from spending the CPU on frames (400 sends/s: node CPU 32% instead of 50%).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class FramePacer:
 
     max_rate: float = 100.0              # frames per second at idle; 0 or less: no cap at all
     min_rate: float = 20.0               # frames per second at or beyond busy_messages_per_s
-    busy_messages_per_s: float = 250.0
+    busy_messages_per_s: float = 100.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
     # This node's share of the frame budget. The rates above are a node's in a cluster of up to
