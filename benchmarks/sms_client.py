@@ -18,6 +18,8 @@ import httpx
 import orjson
 import trio
 
+from sms.node.gcpolicy import freeze_what_exists, tune_collector
+
 from .httpmini import HttpError, HttpPool
 from .schedule import Plan
 # wsmini, not trio-websocket: the generator shares the 2 cores with the nodes it measures, and
@@ -200,6 +202,11 @@ class SmsTransport:
             raise RuntimeError(f"only {self.ws_open} of {self.plan.clients} WebSockets opened; "
                                f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
         self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s")
+        # The generator holds as many connections as the nodes together, so it would stop for
+        # full garbage collections as they did (node/gcpolicy.py); the sockets live until the
+        # point ends, so freezing them costs at most what one run allocated.
+        tune_collector()
+        freeze_what_exists()
 
     async def _read(self, c: int, ws) -> None:
         """Client c's frames: deliveries to the sink (one clock reading per frame: a batch's events

@@ -10,13 +10,15 @@ import trio
 from .adapters.gateway import build_app, serve_gateway
 from .config import NodeConfig
 from .errors import SmsError
+from .gcpolicy import PauseWatch, freeze_what_exists, tune_collector
 from .runtime import open_node
 
 log = logging.getLogger("sms.node")
 
 
-async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Runs a node until cancelled. Ready (task_status.started) once its gateway listens."""
+async def serve_node(config: NodeConfig, *, manage_gc: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Runs a node until cancelled. Ready (task_status.started) once its gateway listens.
+    `manage_gc`: apply the node's garbage-collector policy to this process (node/gcpolicy.py)."""
     async with open_node(config) as node:
         app = build_app(node)
         async with trio.open_nursery() as nursery:
@@ -26,7 +28,16 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                 node.p2p.peer_id,
             )
             task_status.started(node)
-            await trio.sleep_forever()
+            if not manage_gc:
+                await trio.sleep_forever()
+            watch = PauseWatch(lambda generation, s: node.metrics.gc_pause.labels(str(generation)).observe(s))
+            tune_collector()
+            freeze_what_exists()
+            watch.install()
+            try:
+                await trio.sleep_forever()
+            finally:
+                watch.remove()
 
 
 async def _run_until_signalled(config: NodeConfig) -> None:

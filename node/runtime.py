@@ -139,6 +139,10 @@ class Metrics:
             "sms_persist_seconds", "Send persist latency", registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
         )
+        self.gc_pause = Histogram(
+            "sms_gc_pause_seconds", "How long each garbage collection stopped the node", ["generation"],
+            registry=r, buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+        )
 
 
 @dataclass
