@@ -212,7 +212,11 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     doc = result_doc(kind, config, systems, notes=notes)
     path = write_result(doc, out, stem)
     _say(f"wrote {path}")
-    for p in make_plots(doc, out, stem):
-        _say(f"wrote {p}")
+    try:
+        for p in make_plots(doc, out, stem):
+            _say(f"wrote {p}")
+    except ImportError:
+        _say("plots skipped: matplotlib is not installed (./dev install '[bench]'); "
+             f"`sms bench plot {path}` draws them later")
     for name, s in systems.items():
         _say(f"{name}: highest rate that held = {s['max_sustained_rate']} sends/s ({s['stop_reason']})")

@@ -16,6 +16,7 @@ arrived or `drain_s` passed. Everything is bounded in count (the schedule) and t
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Awaitable, Callable, Protocol
 
 import anyio
@@ -30,6 +31,13 @@ class Transport(Protocol):
     sink: Callable[[int, str, float], None] | None
 
     async def send(self, sender: int, body: str, txn: str) -> None: ...
+
+
+# A transport may also offer a fast path, used when its `can_send_nowait` is true:
+#     send_nowait(sender, body, txn, done) -> None    queues the send and returns at once; calls
+#                                                     done(None) on the ack, done(exc) on failure
+# The engine then needs no task and no cancel scope per send (at 2,000 sends/s these were a
+# fifth of the generator's CPU); it times sends out itself.
 
 
 WindowHook = Callable[[float, float], Awaitable[None]]
@@ -78,6 +86,38 @@ async def run_point(
         finally:
             in_flight -= 1
 
+    fast = transport.send_nowait if getattr(transport, "can_send_nowait", False) else None  # type: ignore[attr-defined]
+    deadlines: deque[tuple[float, int]] = deque()   # (deadline, m) of fast sends, in send order
+    waiting: set[int] = set()                       # fast sends not answered nor timed out
+
+    def answered(m: int, exc: Exception | None) -> None:
+        nonlocal in_flight
+        if m not in waiting:
+            return  # timed out already
+        waiting.discard(m)
+        in_flight -= 1
+        if exc is None:
+            rec.on_ack(m, clock())
+        else:
+            rec.on_ack(m, clock(), ok=False, error=getattr(exc, "kind", None) or type(exc).__name__)
+
+    def expire(now: float) -> None:
+        nonlocal in_flight
+        while deadlines and deadlines[0][0] <= now:
+            _, m = deadlines.popleft()
+            if m in waiting:
+                waiting.discard(m)
+                in_flight -= 1
+                rec.on_ack(m, now, ok=False, error="timeout")
+
+    def start_fast(m: int, sender: int) -> None:
+        body = message_body(point, m, workload.body_bytes)
+        now = clock()
+        rec.on_send(m, now)
+        waiting.add(m)
+        deadlines.append((now + send_timeout_s, m))
+        fast(sender, body, f"{run_tag}p{point}m{m}", lambda exc, m=m: answered(m, exc))
+
     async def run_window() -> None:
         try:
             if window is not None:
@@ -92,6 +132,7 @@ async def run_point(
         while m < n:
             due = start_at + sched.times[m]
             now = clock()
+            expire(now)
             if due > now:
                 await anyio.sleep(due - now)
                 continue
@@ -100,6 +141,9 @@ async def run_point(
                 if local_senders is None or sender in local_senders:
                     if in_flight >= workload.max_in_flight:
                         rec.on_skip(m)
+                    elif fast is not None:
+                        in_flight += 1
+                        start_fast(m, sender)
                     else:
                         in_flight += 1
                         tg.start_soon(one, m, sender)
@@ -107,6 +151,7 @@ async def run_point(
         with anyio.move_on_after(send_timeout_s + 1):
             while in_flight:
                 await anyio.sleep(0.01)
+                expire(clock())
         deadline = clock() + workload.drain_s
         while clock() < deadline and (fixed_drain or rec.outstanding > 0):
             await anyio.sleep(0.02)

@@ -7,6 +7,7 @@ Runs under trio (trio-websocket)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from contextlib import AsyncExitStack
@@ -32,14 +33,23 @@ clock = time.monotonic
 
 
 class _Waiter:
-    """A send over the WebSocket waiting for its ack or error event."""
+    """A send over the WebSocket waiting for its ack or error event: awaited (`done`), or
+    answered through `callback(error or None)` (send_nowait)."""
 
-    __slots__ = ("client", "done", "error")
+    __slots__ = ("client", "done", "error", "callback")
 
-    def __init__(self, client: int) -> None:
+    def __init__(self, client: int, callback: Callable[[Exception | None], None] | None = None) -> None:
         self.client = client
-        self.done = trio.Event()
+        self.callback = callback
+        self.done = trio.Event() if callback is None else None
         self.error: Exception | None = None
+
+    def finish(self, error: Exception | None = None) -> None:
+        self.error = error
+        if self.callback is not None:
+            self.callback(error)
+        else:
+            self.done.set()
 
 
 @dataclass
@@ -79,6 +89,7 @@ class SmsTransport:
         self.pending: dict[str, _Waiter] = {}      # txn id -> a WebSocket send awaiting its answer
         self.send_clients: list[int] = []          # sender -> the client whose socket it sends on
         self.send_rooms: list[str] = []            # sender -> its room id
+        self.outboxes: dict[int, trio.MemorySendChannel] = {}  # sending client -> (txn, frame) to write
 
     def account_of(self, client: int) -> int:
         return client % (self.users or self.plan.clients)
@@ -188,6 +199,7 @@ class SmsTransport:
                     if not released:
                         connected.release()
 
+        self._nursery = nursery
         for c in range(self.plan.clients):
             nursery.start_soon(connect, c)
         last_say = clock()
@@ -232,16 +244,15 @@ class SmsTransport:
                 elif kind == "ack" or kind == "error":
                     waiter = pending.pop(event.get("txn_id"), None)
                     if waiter is not None:
-                        if kind == "error":  # counted like the HTTP error the PUT would have given
-                            waiter.error = HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
-                        waiter.done.set()
+                        # an error is counted like the HTTP error the PUT would have given
+                        waiter.finish(HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
+                                      if kind == "error" else None)
 
     def _fail_pending(self, c: int) -> None:
         for txn, waiter in list(self.pending.items()):
             if waiter.client == c:
                 del self.pending[txn]
-                waiter.error = ConnectionError("the sender's WebSocket closed before the answer")
-                waiter.done.set()
+                waiter.finish(ConnectionError("the sender's WebSocket closed before the answer"))
 
     async def finish(self) -> None:
         """Send paths, then the probe."""
@@ -249,6 +260,10 @@ class SmsTransport:
             acc = self.accounts[self.account_of(client)]
             self.send_clients.append(client)
             self.send_rooms.append(self.room_ids[room])
+            if self.send_via == "ws" and client not in self.outboxes:
+                send_channel, receive_channel = trio.open_memory_channel[tuple[str, str]](math.inf)
+                self.outboxes[client] = send_channel
+                self._nursery.start_soon(self._write, client, receive_channel)
             if self.send_via == "http":
                 u = urlsplit(self.nodes[self.plan.client_nodes[client]])
                 self.pools.append(HttpPool(u.hostname or "127.0.0.1", u.port or 80))
@@ -315,6 +330,42 @@ class SmsTransport:
             self.pending.pop(txn, None)
         if waiter.error is not None:
             raise waiter.error
+
+    @property
+    def can_send_nowait(self) -> bool:
+        return self.send_via == "ws"
+
+    def send_nowait(self, sender: int, body: str, txn: str, done: Callable[[Exception | None], None]) -> None:
+        """The engine's fast path (no task per send): queues the send frame for the sender's
+        writer and calls `done(None)` on its ack, `done(error)` on an error event or a lost
+        socket (possibly before returning)."""
+        client = self.send_clients[sender]
+        if client not in self.sockets:
+            done(ConnectionError("the sender's WebSocket is not open"))
+            return
+        self.pending[txn] = _Waiter(client, done)
+        self.outboxes[client].send_nowait((txn, orjson.dumps(
+            {"type": "send", "room_id": self.send_rooms[sender], "txn_id": txn, "body": body}).decode()))
+
+    async def _write(self, client: int, receive: trio.MemoryReceiveChannel) -> None:
+        """Writes a sending client's queued frames, everything queued at once in one send."""
+        async for first in receive:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            ws = self.sockets.get(client)
+            try:
+                if ws is None:
+                    raise ConnectionError("the sender's WebSocket is not open")
+                await ws.send_messages([text for _, text in batch])
+            except (ConnectionClosed, ConnectionError) as exc:
+                for txn, _ in batch:
+                    waiter = self.pending.pop(txn, None)
+                    if waiter is not None:
+                        waiter.finish(exc if isinstance(exc, ConnectionError) else ConnectionError(str(exc)))
 
     async def aclose(self) -> None:
         for p in self.pools:

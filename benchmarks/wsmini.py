@@ -246,8 +246,22 @@ class WebSocket:
         else:
             await self._send_frame(OP_BINARY, bytes(data))
 
+    async def send_messages(self, items: list[str | bytes]) -> None:
+        """Several messages, one frame each, written with one send: what a sender with a backlog
+        needs (one system call instead of one per message)."""
+        if self._close_sent or self._closed is not None:
+            raise ConnectionClosed(self._closed or CloseReason(1000, "closed locally"))
+        frames = b"".join(
+            encode_frame(OP_TEXT, d.encode(), os.urandom(4)) if isinstance(d, str)
+            else encode_frame(OP_BINARY, bytes(d), os.urandom(4))
+            for d in items
+        )
+        await self._send_raw(frames)
+
     async def _send_frame(self, opcode: int, payload: bytes) -> None:
-        frame = encode_frame(opcode, payload, os.urandom(4))
+        await self._send_raw(encode_frame(opcode, payload, os.urandom(4)))
+
+    async def _send_raw(self, frame: bytes) -> None:
         async with self._lock:
             try:
                 await self._stream.send_all(frame)

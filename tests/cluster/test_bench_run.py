@@ -1,0 +1,36 @@
+"""`sms bench run` end to end against a running 3-node cluster: the generator's WebSocket clients
+(wsmini, the send_nowait fast path), the recorder and the result file, at a rate any machine
+carries (no timing is asserted: that is what the benchmark itself reports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from .harness import ClusterProcess
+
+pytestmark = pytest.mark.slow
+
+
+async def test_a_bench_point_against_a_running_cluster_delivers_every_message_once(cluster: ClusterProcess, tmp_path) -> None:
+    cmd = [sys.executable, "-m", "sms.cli.main", "bench", "run", "--cluster", str(cluster.data_dir / "cluster.json"),
+           "--rate", "30", "--duration", "2", "--warmup", "0.5", "--drain", "5", "--retries", "0",
+           "--quiet-wait", "0", "--out", str(tmp_path)]
+    with trio.fail_after(180):
+        done = await trio.run_process(cmd, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+    output = done.stdout.decode(errors="replace")
+    assert done.returncode == 0, output
+    [result] = tmp_path.glob("point-*.json")
+    doc = json.loads(result.read_text())
+    [point] = doc["systems"]["sms"]["points"]
+    assert point["offered_rate"] == 30
+    assert point["sent"] == point["scheduled"] == point["acked"] == 60 and point["send_errors"] == 0
+    # 30 clients in 3 rooms: each message is owed to the 9 other members of its room
+    assert point["expected_deliveries"] == point["delivered"] == 9 * 60
+    assert point["lost"] == 0 and point["duplicates"] == 0
+    assert doc["config"]["sms_client"]["send_via"] == "ws"
+    assert "highest rate that held" in output
