@@ -14,6 +14,7 @@ Every unit of work is one SERIALIZABLE transaction run by `_transact`:
         take a pooled connection (checked with an empty query: a connection that died during an
         outage is replaced, not handed out)
         BEGIN; work(conn); [fault hook]; COMMIT
+        (or, for work that writes with one statement, autocommit: [fault hook]; work(conn))
         SQLSTATE 40001 / 40P01 / 40003  -> jittered exponential backoff, retry (bounded: RetryPolicy)
         connection lost mid-flight      -> retry once on a fresh connection
         anything operational            -> errors.Unavailable("database unreachable: ...")
@@ -25,8 +26,9 @@ is unknown (CockroachDB's 40003) can therefore be replayed.
 
 Group commit (group_commit=True): `append` puts its messages on a queue and waits. One batcher task
 takes whatever is queued (up to `max_batch` messages; a bigger single call goes alone), writes it
-in one transaction (multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING, then one SELECT for the
-canonical rows of the conflicts) and only then wakes each caller with its own answer. While a batch
+with one multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING (in autocommit mode when the batch
+fits one statement: one round trip instead of three), then one SELECT for the canonical rows of
+the conflicts, and only then wakes each caller with its own answer. While a batch
 commits the next one fills, so batches grow with load and an idle system pays no added latency
 (there is no timer). A caller cancelled while waiting does not cancel the write: the message may
 still be stored, which is harmless since appends are idempotent. With group_commit=False each call
@@ -114,6 +116,15 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "40003"})
 _MIN_CONNECTION_WAIT = 0.05
 
 _COLS = "room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev"
+
+
+def _leave_autocommit(conn: psycopg.Connection) -> None:
+    """Back to transactions before the connection returns to the pool; a broken connection is
+    the pool's to discard."""
+    try:
+        conn.autocommit = False
+    except psycopg.Error:
+        pass
 # Multi-argument unnest zips the arrays into rows (PostgreSQL; CockroachDB has the same builtin).
 _INSERT_MESSAGES = (
     f"INSERT INTO messages ({_COLS}) "
@@ -399,7 +410,8 @@ class SqlHistory:
     def _configure(conn: psycopg.Connection) -> None:
         conn.isolation_level = IsolationLevel.SERIALIZABLE
 
-    async def _run(self, op: str, work: Callable[[psycopg.Connection], T], *, deadline: float | None = None) -> T:
+    async def _run(self, op: str, work: Callable[[psycopg.Connection], T], *, deadline: float | None = None,
+                   single_statement: bool = False) -> T:
         """Runs `work` in one transaction in a worker thread. `deadline` (trio clock) bounds the
         waits for a slot and a connection; it defaults to now + pool_timeout."""
         if self._closed:
@@ -421,24 +433,41 @@ class SqlHistory:
         try:
             # Only the waits are bounded: once the thread runs, its transaction is not abandoned.
             budget = deadline - trio.current_time()
-            return await trio.to_thread.run_sync(self._transact, op, work, budget, limiter=self._threads)
+            return await trio.to_thread.run_sync(self._transact, op, work, budget, single_statement,
+                                                 limiter=self._threads)
         finally:
             self._limiter.release()
 
-    def _transact(self, op: str, work: Callable[[psycopg.Connection], T], budget: float | None = None) -> T:
+    def _transact(self, op: str, work: Callable[[psycopg.Connection], T], budget: float | None = None,
+                  single_statement: bool = False) -> T:
         """One SERIALIZABLE transaction with retries (see the module docstring). Worker thread.
         `budget` (seconds) bounds the total wait for pooled connections, across attempts; a
-        connection that is free is taken even when the budget is spent."""
+        connection that is free is taken even when the budget is spent.
+
+        `single_statement`: `work` writes with one statement (and may read after it), so it runs
+        in autocommit mode, where that statement is its own transaction: one round trip to the
+        database instead of BEGIN, the statement and COMMIT. The retries are the same."""
         deadline = time.monotonic() + (self.pool_timeout if budget is None else budget)
         attempt = 0
         reconnected = False
         while True:
             try:
                 with self._pool.connection(timeout=max(_MIN_CONNECTION_WAIT, deadline - time.monotonic())) as conn:
-                    with conn.transaction():
-                        result = work(conn)
-                        if self.fault_hook is not None:
-                            self.fault_hook(op, attempt, conn)
+                    if single_statement:
+                        conn.autocommit = True
+                        try:
+                            # A fault is injected where a failure undoes the write: here, before
+                            # the statement (in a transaction, before COMMIT).
+                            if self.fault_hook is not None:
+                                self.fault_hook(op, attempt, conn)
+                            result = work(conn)
+                        finally:
+                            _leave_autocommit(conn)
+                    else:
+                        with conn.transaction():
+                            result = work(conn)
+                            if self.fault_hook is not None:
+                                self.fault_hook(op, attempt, conn)
                 self.stats.transactions += 1
                 return result
             except psycopg.Error as e:
@@ -546,7 +575,11 @@ class SqlHistory:
         messages = [m for req in batch for m in req.messages]
         deadline = min(req.deadline for req in batch)  # the oldest request's budget
         try:
-            stored = await self._run("append", lambda conn: self._write_messages(conn, messages), deadline=deadline)
+            # A batch that fits one INSERT is written by that statement alone (autocommit): it is
+            # atomic by itself, and the read of conflicting rows after it needs no transaction
+            # (a stored message is what any later read returns too).
+            stored = await self._run("append", lambda conn: self._write_messages(conn, messages), deadline=deadline,
+                                     single_statement=len(messages) <= _CHUNK)
         except (Unavailable, BadRequest) as e:
             for req in batch:
                 req.error = type(e)(e.message)  # a fresh exception per caller: tracebacks differ
