@@ -122,3 +122,19 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+PASSWORD = "correct horse battery"
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def account(http: httpx.AsyncClient, base: str, name: str) -> tuple[str, str]:
+    """Registers `name` and logs in: (user id, token)."""
+    r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    return r.json()["user_id"], r.json()["token"]

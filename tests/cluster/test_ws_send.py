@@ -13,24 +13,9 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .harness import ClusterProcess
+from .harness import ClusterProcess, account, auth
 
 pytestmark = pytest.mark.slow
-
-PASSWORD = "correct horse battery"
-
-
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def account(http: httpx.AsyncClient, base: str, name: str) -> tuple[str, str]:
-    r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    return r.json()["user_id"], r.json()["token"]
-
 
 @dataclass
 class Room:

@@ -14,12 +14,9 @@ import trio
 
 from sms.benchmarks.wsmini import ConnectionClosed, HandshakeError, WebSocket, open_websocket_url
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess, account, allocate_ports, auth
 
 pytestmark = pytest.mark.slow
-
-PASSWORD = "correct horse battery"
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
@@ -28,18 +25,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     yield c
     if c.proc is not None and c.proc.poll() is None:
         c.stop()
-
-
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def account(http: httpx.AsyncClient, base: str, name: str) -> tuple[str, str]:
-    r = await http.post(base + "/v1/users", json={"name": name, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    r = await http.post(base + "/v1/sessions", json={"name": name, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    return r.json()["user_id"], r.json()["token"]
 
 
 @dataclass
