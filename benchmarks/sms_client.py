@@ -2,7 +2,7 @@
 accounts and rooms over REST; sends as "send" frames on the sender's own /v1/events WebSocket,
 answered by "ack"/"error" events (send_via="ws", the default) or with
 PUT /v1/rooms/{room}/messages/{txn} (send_via="http"); deliveries over /v1/events?batch=1.
-Runs under trio (trio-websocket)."""
+Runs under trio (its WebSockets are benchmarks/wsmini.py)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,31 +72,34 @@ def _reuse_signed_peer_records(clock: Callable[[], float]) -> None:
         return
     make_record = pubsub_module.env_to_send_in_RPC
     check_record = pubsub_module.maybe_consume_signed_record
-    issued: dict[int, tuple[float, tuple[bytes, bool]]] = {}   # id(host) -> (when, record)
-    accepted: dict[tuple[int, str, bytes], float] = {}          # (id(host), peer, record) -> when
+    # Per host (weakly: a process that makes many hosts, like a test, must not hand one host's
+    # record to another that reused its address).
+    issued: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # host -> (when, record)
+    accepted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host -> {(peer, record): when}
 
     def env_to_send_in_RPC(host):  # noqa: N802 - py-libp2p's name
         now = clock()
-        hit = issued.get(id(host))
+        hit = issued.get(host)
         if hit is not None and now - hit[0] < PEER_RECORD_REUSE_S:
             return hit[1][0], False
         record = make_record(host)
-        issued[id(host)] = (now, record)
+        issued[host] = (now, record)
         return record
 
     def maybe_consume_signed_record(msg, host, peer_id) -> bool:
         if not msg.HasField("senderRecord"):
             return True
-        key = (id(host), str(peer_id), msg.senderRecord)
+        seen = accepted.setdefault(host, {})
+        key = (str(peer_id), msg.senderRecord)
         now = clock()
-        when = accepted.get(key)
+        when = seen.get(key)
         if when is not None and now - when < PEER_RECORD_REUSE_S:
             return True
         ok = check_record(msg, host, peer_id)
         if ok:
-            if len(accepted) >= _PEER_RECORDS_SEEN_MAX:
-                accepted.clear()
-            accepted[key] = now
+            if len(seen) >= _PEER_RECORDS_SEEN_MAX:
+                seen.clear()
+            seen[key] = now
         return ok
 
     for module in (pubsub_module, gossipsub_module):

@@ -117,6 +117,14 @@ _MIN_CONNECTION_WAIT = 0.05
 
 _COLS = "room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev"
 
+# Multi-argument unnest zips the arrays into rows (PostgreSQL; CockroachDB has the same builtin).
+_INSERT_MESSAGES = (
+    f"INSERT INTO messages ({_COLS}) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
+    "%s::text[], %s::bigint[], %s::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
+)
+
 
 def _leave_autocommit(conn: psycopg.Connection) -> None:
     """Back to transactions before the connection returns to the pool; a broken connection is
@@ -125,13 +133,6 @@ def _leave_autocommit(conn: psycopg.Connection) -> None:
         conn.autocommit = False
     except psycopg.Error:
         pass
-# Multi-argument unnest zips the arrays into rows (PostgreSQL; CockroachDB has the same builtin).
-_INSERT_MESSAGES = (
-    f"INSERT INTO messages ({_COLS}) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
-    "%s::text[], %s::bigint[], %s::bigint[]) "
-    "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
-)
 
 
 # -- storage checks and cursors (shared with the fake in tests/fakes/history.py) -------------------

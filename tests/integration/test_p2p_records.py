@@ -65,3 +65,12 @@ def test_records_are_issued_again_after_the_reuse_window(monkeypatch):
     now[0] += p2p.PEER_RECORD_REUSE_S
     pubsub_module.env_to_send_in_RPC(alice)
     assert len(issued) == 2
+
+
+def test_each_host_gets_its_own_record():
+    alice, bob, carol = (new_host(key_pair=create_new_key_pair()) for _ in range(3))
+    a, _ = pubsub_module.env_to_send_in_RPC(alice)
+    b, _ = pubsub_module.env_to_send_in_RPC(bob)
+    assert a != b
+    assert pubsub_module.maybe_consume_signed_record(rpc_with(b), carol, bob.get_id())
+    assert not pubsub_module.maybe_consume_signed_record(rpc_with(b), carol, alice.get_id())
