@@ -208,9 +208,14 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
             if profile is not None and (profile.get("rate") is None or abs(profile["rate"] - rate) < 1e-9):
                 spy = start_py_spy(cluster["nodes"][0]["pid"], w, Path(profile["dir"]), f"sms-node0-R{rate:g}")
             before = await scrape(cluster)
+            frames_before = transport.frames
             rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
             after = await scrape(cluster)
+            # WebSocket frames the clients read during the point (warm-up and drain included):
+            # with batch=1 a frame carries every event queued for its client, so deliveries per
+            # frame shows how well the nodes coalesce their writes.
             p = point_record(rec, w, mon.result, policy, {"ws_closed": dict(transport.ws_closed),
+                                                          "ws_frames_read": transport.frames - frames_before,
                                                           "node_metrics": metrics_delta(before, after)})
             if spy is not None:
                 profiles.append(finish_py_spy(spy, rate))
