@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from starlette.routing import Match
 from starlette.websockets import WebSocketDisconnect
 
 from ..core.delivery import decode_cursor, encode_cursor
+from ..core.model import Message
 from ..errors import BadRequest, RateLimited, SmsError, Unauthorized
 from ..runtime import token_hash
 
@@ -49,10 +51,15 @@ def sms_error(exc: SmsError) -> tuple[int, dict]:
 def dumps(obj: Any) -> str:
     """Compact JSON text (orjson on the hot path). orjson refuses what json writes as escapes
     (a lone surrogate in a string) or would lose (ints beyond 64 bits): those go through json."""
+    return dumps_bytes(obj).decode()
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """dumps, as UTF-8 bytes (json's escapes keep it ASCII)."""
     try:
-        return orjson.dumps(obj).decode()
+        return orjson.dumps(obj)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(obj, separators=(",", ":"))
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def parse_send_frame(data: str | bytes | None) -> tuple[dict | None, dict | None]:
@@ -411,12 +418,29 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         return await send_message(bearer(request), room_id, key, body.body)
 
     async def send_message(token: str | None, room_id: str, txn_id: str, body: object) -> dict:
-        """A send, as PUT /v1/rooms/{room_id}/messages/{txn_id} and a "send" frame on the events
-        socket both do it: authenticate, rate limit, then the node (membership, idempotency)."""
+        """A send, as PUT /v1/rooms/{room_id}/messages/{txn_id} does it: authenticate, rate limit,
+        then the node (membership, idempotency)."""
+        [outcome] = await send_messages(token, [{"room_id": room_id, "txn_id": txn_id, "body": body}])
+        if isinstance(outcome, SmsError):
+            raise outcome
+        return {"message_id": outcome.message_id, "ts": outcome.ts}
+
+    async def send_messages(token: str | None, requests: list[dict]) -> list[Message | SmsError]:
+        """Sends of one client, the same checks as send_message for each; the outcome of each in
+        order (a send over its rate limit is refused alone). Raises only if authentication fails."""
         user_id = await node.authenticate(token)
-        node.check_rate(user_id)
-        msg = await node.send(user_id, room_id, txn_id, body)
-        return {"message_id": msg.message_id, "ts": msg.ts}
+        outcomes: list[Message | SmsError | None] = []
+        allowed: list[tuple[str, str, object]] = []
+        for r in requests:
+            try:
+                node.check_rate(user_id)
+            except SmsError as err:
+                outcomes.append(err)
+                continue
+            outcomes.append(None)
+            allowed.append((r["room_id"], r["txn_id"], r["body"]))
+        sent = iter(await node.send_many(user_id, allowed) if allowed else ())
+        return [o if o is not None else next(sent) for o in outcomes]
 
     @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"], responses=ok(HistoryOut))
     async def history(
@@ -510,82 +534,130 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     event["cursor"] = encode_cursor(sub.tracker)
             return event
 
-        async def write(events: list[dict], messages: int = 0) -> None:
+        async def write(event: dict) -> None:
+            await ws.send({"type": "websocket.send", "text": dumps(event)})
+
+        def encoded(event: dict) -> bytes | None:
+            """The event's JSON as this client gets it inside a batch; None for a message it was
+            sent already. A message event is one dict shared by every connection it goes to, so
+            its JSON is made once, by the first of them, and kept in the dict."""
+            if event.get("type") != "message":
+                return dumps_bytes(event)
+            if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
+                return None  # sent already: exactly once per connection
+            text = event.get("_json")
+            if text is None:
+                text = event["_json"] = dumps_bytes({k: v for k, v in event.items() if k[0] != "_"})
+            return text
+
+        async def write_batch(events: list[bytes], messages: int) -> None:
             """One frame: a lone event as itself, more as a batch (only asked for with batch=1).
-            In a batch the cursor is the batch's, once: encoding it per message cost more than
-            the rest of the delivery."""
+            The cursor is the frame's, once (it tells where this client is after all of it):
+            encoding it per message cost more than the rest of the delivery."""
             if not events:
                 return
+            cursor = b',"cursor":"' + encode_cursor(sub.tracker).encode() + b'"}' if messages else b"}"
             if len(events) == 1:
-                obj = events[0]
-                if messages and "cursor" not in obj:
-                    obj["cursor"] = encode_cursor(sub.tracker)
+                frame = events[0][:-1] + cursor  # an event is a JSON object: "}" is its last byte
             else:
-                obj = {"type": "batch", "events": events}
-                if messages:
-                    obj["cursor"] = encode_cursor(sub.tracker)
-            await ws.send({"type": "websocket.send", "text": dumps(obj)})
+                frame = b'{"type":"batch","events":[' + b",".join(events) + b"]" + cursor
+            await ws.send({"type": "websocket.send", "text": frame.decode()})
 
         async def push(event: dict) -> None:
             prepared = prepare(event)
             if prepared is not None:
-                await write([prepared])
+                await write(prepared)
 
         async def push_all(events) -> None:
             if not batched:
                 for event in events:
                     await push(event)
                 return
-            out: list[dict] = []
+            out: list[bytes] = []
             messages = 0
             for event in events:
-                prepared = prepare(event, with_cursor=False)
-                if prepared is not None:
-                    out.append(prepared)
-                    messages += prepared.get("type") == "message"
+                text = encoded(event)
+                if text is not None:
+                    out.append(text)
+                    messages += event.get("type") == "message"
                     if len(out) == WS_BATCH_MAX:
-                        await write(out, messages)
+                        await write_batch(out, messages)
                         out, messages = [], 0
-            await write(out, messages)
+            await write_batch(out, messages)
 
         async def answer(event: dict) -> None:
             # Acks and errors queue behind the events already due to this client (and batch with
             # them); a client that stops reading is closed as "too slow" like for any event.
             await sub.send.send(event)
 
-        async def run_send(slots: trio.Semaphore, request: dict) -> None:
-            txn_id, room_id = request["txn_id"], request["room_id"]
+        in_flight = 0                 # sends read and not yet answered
+        room_for_more = trio.Event()  # set when in_flight drops below WS_MAX_IN_FLIGHT
+
+        async def run_sends(requests: list[dict]) -> None:
+            """Sends carried out together (one database trip), each answered."""
+            nonlocal in_flight, room_for_more
             try:
                 try:
-                    message = await send_message(token, room_id, txn_id, request["body"])
-                    reply = {"type": "ack", "txn_id": txn_id, "room_id": room_id, "message": message}
-                except SmsError as err:
-                    reply = ws_error(err, txn_id, room_id)
-                except Exception:  # our own bug: logged, answered like REST answers it
-                    log.exception("unhandled error in a send over the events socket")
-                    reply = {"type": "error", "txn_id": txn_id, "room_id": room_id, "status": 500,
-                             **error_body(*INTERNAL)}
-                await answer(reply)
+                    outcomes = await send_messages(token, requests)
+                except SmsError as err:  # authentication failed: every one of them is refused
+                    outcomes = [err] * len(requests)
+                for request, outcome in zip(requests, outcomes):
+                    txn_id, room_id = request["txn_id"], request["room_id"]
+                    if isinstance(outcome, SmsError):
+                        reply = ws_error(outcome, txn_id, room_id)
+                    else:
+                        reply = {"type": "ack", "txn_id": txn_id, "room_id": room_id,
+                                 "message": {"message_id": outcome.message_id, "ts": outcome.ts}}
+                    await answer(reply)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # the connection is going away; the send itself happened or not as above
+                pass  # the connection is going away; the sends themselves happened or not as above
+            except Exception:  # our own bug: logged, answered like REST answers it
+                log.exception("unhandled error in sends over the events socket")
+                for request in requests:
+                    try:
+                        await answer({"type": "error", "txn_id": request["txn_id"], "room_id": request["room_id"],
+                                      "status": 500, **error_body(*INTERNAL)})
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
             finally:
-                slots.release()
+                in_flight -= len(requests)
+                if in_flight < WS_MAX_IN_FLIGHT:
+                    room_for_more.set()
+
+        async def carry_out_sends(requests: trio.MemoryReceiveChannel) -> None:
+            """Carries out the client's sends, everything that arrived meanwhile together: while
+            one group waits for its commit, the next gathers (the database trip is shared)."""
+            async with requests:
+                async for first in requests:
+                    group = [first]
+                    while len(group) < WS_BATCH_MAX:
+                        try:
+                            group.append(requests.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await run_sends(group)
 
         async def read_client(sends: trio.Nursery, done: trio.CancelScope) -> None:
             # Reading is also how we notice the client left.
-            slots = trio.Semaphore(WS_MAX_IN_FLIGHT)
+            nonlocal in_flight, room_for_more
+            to_carry_out, requests = trio.open_memory_channel[dict](math.inf)  # bounded by in_flight
+            sends.start_soon(carry_out_sends, requests)
             try:
-                while True:
-                    frame = await ws.receive()
-                    if frame["type"] == "websocket.disconnect":
-                        break
-                    data = frame.get("text")
-                    request, error = parse_send_frame(data if data is not None else frame.get("bytes"))
-                    if error is not None:
-                        await answer(error)
-                        continue
-                    await slots.acquire()  # backpressure: at most WS_MAX_IN_FLIGHT sends at once
-                    sends.start_soon(run_send, slots, request)
+                async with to_carry_out:
+                    while True:
+                        frame = await ws.receive()
+                        if frame["type"] == "websocket.disconnect":
+                            break
+                        data = frame.get("text")
+                        request, error = parse_send_frame(data if data is not None else frame.get("bytes"))
+                        if error is not None:
+                            await answer(error)
+                            continue
+                        in_flight += 1
+                        to_carry_out.send_nowait(request)
+                        while in_flight >= WS_MAX_IN_FLIGHT:  # backpressure: stop reading
+                            room_for_more = trio.Event()
+                            await room_for_more.wait()
             except (WebSocketDisconnect, RuntimeError, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             done.cancel()

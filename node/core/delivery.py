@@ -45,7 +45,13 @@ class SeqTracker:
         c = self._contiguous.get(key, 0)
         if seq <= c:
             return False
-        extra = self._extra.setdefault(key, set())
+        extra = self._extra.get(key)
+        if extra is None:  # the usual case, once per delivery per connection: nothing to merge
+            if seq == c + 1:
+                self._contiguous[key] = seq
+            else:
+                self._extra[key] = {seq}
+            return True
         if seq in extra:
             return False
         if seq == c + 1:

@@ -257,3 +257,39 @@ async def test_a_flood_of_sends_is_answered_once_each_rate_limited_like_rest(clu
     assert all(e["status"] == 429 and e["error"]["code"] == "rate_limited" and e["error"]["retry_after_ms"] > 0
                for e in limited), limited[:3]
     assert limited and len(limited) < n
+
+
+async def test_sends_written_back_to_back_share_database_trips_and_each_is_answered(cluster: ClusterProcess) -> None:
+    """A client that writes many sends at once has them carried out together
+    (docs/api.md): each still gets its own answer, refusals stay the refused send's alone, and the
+    node makes far fewer database appends than there were sends."""
+    from sms.benchmarks.wsmini import open_websocket_url as open_raw  # writes many frames in one write
+
+    room = await make_room(cluster)
+
+    async def appends() -> float:
+        async with httpx.AsyncClient(timeout=30) as http:
+            text = (await http.get(cluster.http(0) + "/metrics")).text
+        return next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("sms_persist_seconds_count"))
+
+    n = 40
+    frames = [json.dumps({"type": "send", "room_id": room.room_id, "txn_id": f"bb-{i}", "body": f"back to back {i}"})
+              for i in range(n)]
+    frames[10] = "not json"                                              # a malformed frame in the middle
+    frames[20] = json.dumps({"type": "send", "room_id": "f" * 32, "txn_id": "bb-20", "body": "nowhere"})  # no such room
+    before = await appends()
+    async with open_raw(cluster.ws(0) + f"/v1/events?token={room.alice}&batch=1") as ws:
+        await ws.send_messages(frames)
+        replies: list[dict] = []
+        with trio.fail_after(30):
+            while len(replies) < n:
+                replies += [e for e in events_of(await ws.get_message()) if e.get("type") in ("ack", "error")]
+    by_txn = {e.get("txn_id"): e for e in replies}
+    assert len(replies) == n and len(by_txn) == n, replies  # one answer each
+    assert by_txn[None]["status"] == 400 and by_txn[None]["error"]["code"] == "bad_json"
+    assert by_txn["bb-20"]["type"] == "error" and by_txn["bb-20"]["status"] == 404
+    acked = [f"bb-{i}" for i in range(n) if i not in (10, 20)]
+    assert all(by_txn[t]["type"] == "ack" for t in acked), [by_txn[t] for t in acked if by_txn[t]["type"] != "ack"]
+    assert len({by_txn[t]["message"]["message_id"] for t in acked}) == len(acked)
+    assert await appends() - before <= n / 2, "sends written together were not carried out together"
