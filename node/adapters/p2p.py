@@ -15,6 +15,7 @@ py-libp2p 0.8.1 settings we rely on (measured, see docs/protocol.md):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -52,6 +53,21 @@ log = logging.getLogger("sms.p2p")
 # until half the window is consumed; py-libp2p reads this knob at each read, so setting it here,
 # before any connection exists, applies to the whole node. An operator's own setting wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
+def _read_yamux_settings_once() -> None:
+    """py-libp2p's yamux reads its PY_YAMUX_* settings from the environment at every frame it
+    reads or writes (several lookups each: ~0.5% of a busy node's CPU). A node's environment does
+    not change once it runs, so each setting is read once, when first asked for."""
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+
+    if getattr(yamux_module, "_sms_reads_settings_once", False):
+        return
+    yamux_module._py_yamux_env = functools.lru_cache(maxsize=None)(yamux_module._py_yamux_env)
+    yamux_module._sms_reads_settings_once = True
+
+
+_read_yamux_settings_once()
 
 # py-libp2p attaches this host's signed peer record to every pubsub RPC it sends, rebuilding the
 # host's address list to check the record is current (multiaddr parsing: ~8% of a node's CPU at

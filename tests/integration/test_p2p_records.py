@@ -1,6 +1,6 @@
-"""The adapter's reuse of signed peer records (node/adapters/p2p.py), with real py-libp2p hosts and
-records: a record is issued once per PEER_RECORD_REUSE_S, and a receiver skips only a record it
-already accepted from the same peer, byte for byte."""
+"""The adapter's patches of py-libp2p (node/adapters/p2p.py), with real py-libp2p hosts and records:
+a signed peer record is issued once per PEER_RECORD_REUSE_S, a receiver skips only a record it
+already accepted from the same peer, byte for byte; yamux reads its settings once."""
 
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
@@ -74,3 +74,14 @@ def test_each_host_gets_its_own_record():
     assert a != b
     assert pubsub_module.maybe_consume_signed_record(rpc_with(b), carol, bob.get_id())
     assert not pubsub_module.maybe_consume_signed_record(rpc_with(b), carol, alice.get_id())
+
+
+def test_yamux_reads_its_environment_settings_once():
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+
+    before = yamux_module._py_yamux_env.cache_info()
+    # The node turns release-on-read off (node/adapters/p2p.py) before any connection exists.
+    assert yamux_module._yamux_release_on_read() is False
+    assert yamux_module._yamux_release_on_read() is False
+    after = yamux_module._py_yamux_env.cache_info()
+    assert after.hits >= before.hits + 1  # the second read came from the cache, not os.environ
