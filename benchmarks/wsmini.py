@@ -9,6 +9,9 @@ a deque, so the next calls return without awaiting. Masking XORs the whole paylo
 What it does not do: TLS (ws:// only), extensions or compression, subprotocols, custom headers,
 the server side. One task reads (`get_message`); any number of tasks may send (a lock keeps
 their frames whole). Nothing reads ahead of the reader: a slow reader leaves data in the kernel.
+
+The protocol itself is sans-IO and free of trio (frames, `FrameParser`, `MessageReader`, the
+handshake's request and checks), so benchmarks/wsloop.py drives the same code on plain sockets.
 """
 
 from __future__ import annotations
@@ -147,17 +150,72 @@ class FrameParser:
         return out
 
 
+class MessageReader:
+    """Sans-IO reading side of a connection: `receive` any split of the byte stream, get back
+    (complete messages, ping payloads to answer with pongs, the close frame payload to answer with
+    or None). Text messages come back as str, binary as bytes; fragments are reassembled. After a
+    close frame or a protocol violation `closed` says why, and nothing more is read."""
+
+    def __init__(self, max_message_size: int = MAX_MESSAGE) -> None:
+        self._parser = FrameParser(max_message_size)
+        self._max = max_message_size
+        self._frag_op: int | None = None    # opcode of the fragmented message being reassembled
+        self._frags: list[bytes] = []
+        self._frag_len = 0
+        self.closed: CloseReason | None = None
+
+    def receive(self, data: bytes) -> tuple[list[str | bytes], list[bytes], bytes | None]:
+        messages: list[str | bytes] = []
+        pongs: list[bytes] = []
+        if self.closed is not None:
+            return messages, pongs, None
+        try:
+            for fin, op, payload in self._parser.feed(data):
+                if op == OP_TEXT or op == OP_BINARY:
+                    if self._frag_op is not None:
+                        raise ProtocolError("new message inside a fragmented one")
+                    if fin:
+                        messages.append(payload.decode() if op == OP_TEXT else payload)
+                    else:
+                        self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
+                elif op == OP_CONT:
+                    self._continue(fin, payload, messages)
+                elif op == OP_PING:
+                    pongs.append(payload)
+                elif op == OP_CLOSE:
+                    if len(payload) == 1:
+                        raise ProtocolError("close frame with a 1-byte payload")
+                    code = int.from_bytes(payload[:2], "big") if payload else 1005
+                    self.closed = CloseReason(code, payload[2:].decode(errors="replace"))
+                    return messages, pongs, payload[:2]   # echo the code; nothing after a close counts
+        except UnicodeDecodeError:
+            self.closed = CloseReason(1007, "text message is not valid UTF-8")
+            return messages, pongs, (1007).to_bytes(2, "big")
+        except ProtocolError as exc:
+            self.closed = CloseReason(exc.code, str(exc))
+            return messages, pongs, exc.code.to_bytes(2, "big")
+        return messages, pongs, None
+
+    def _continue(self, fin: bool, payload: bytes, messages: list[str | bytes]) -> None:
+        if self._frag_op is None:
+            raise ProtocolError("continuation frame without a message to continue")
+        self._frags.append(payload)
+        self._frag_len += len(payload)
+        if self._frag_len > self._max:
+            raise ProtocolError(f"message exceeds the {self._max}-byte limit", 1009)
+        if fin:
+            whole = b"".join(self._frags)
+            messages.append(whole.decode() if self._frag_op == OP_TEXT else whole)
+            self._frag_op, self._frags, self._frag_len = None, [], 0
+
+
 class WebSocket:
     """An open client connection (see the module docstring for what it does and does not do)."""
 
     def __init__(self, stream: trio.abc.Stream, leftover: bytes = b"", max_message_size: int = MAX_MESSAGE) -> None:
         self._stream = stream
-        self._parser = FrameParser(max_message_size)
-        self._max = max_message_size
+        self._reader = MessageReader(max_message_size)
         self._messages: deque[str | bytes] = deque()
-        self._frag_op: int | None = None    # opcode of the fragmented message being reassembled
-        self._frags: list[bytes] = []
-        self._frag_len = 0
         self._lock = trio.Lock()
         self._closed: CloseReason | None = None   # no more frames will be read
         self._close_sent = False
@@ -190,43 +248,10 @@ class WebSocket:
 
     async def _process(self, data: bytes) -> None:
         # Every frame is handled before anything is awaited: a cancelled reply loses no message.
-        pongs: list[bytes] = []
-        close_reply: bytes | None = None
-        try:
-            for fin, op, payload in self._parser.feed(data):
-                if op == OP_TEXT or op == OP_BINARY:
-                    if self._frag_op is not None:
-                        raise ProtocolError("new message inside a fragmented one")
-                    if fin:
-                        self._messages.append(payload.decode() if op == OP_TEXT else payload)
-                    else:
-                        self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
-                elif op == OP_CONT:
-                    if self._frag_op is None:
-                        raise ProtocolError("continuation frame without a message to continue")
-                    self._frags.append(payload)
-                    self._frag_len += len(payload)
-                    if self._frag_len > self._max:
-                        raise ProtocolError(f"message exceeds the {self._max}-byte limit", 1009)
-                    if fin:
-                        whole = b"".join(self._frags)
-                        self._messages.append(whole.decode() if self._frag_op == OP_TEXT else whole)
-                        self._frag_op, self._frags, self._frag_len = None, [], 0
-                elif op == OP_PING:
-                    pongs.append(payload)
-                elif op == OP_CLOSE:
-                    if len(payload) == 1:
-                        raise ProtocolError("close frame with a 1-byte payload")
-                    code = int.from_bytes(payload[:2], "big") if payload else 1005
-                    self._closed = CloseReason(code, payload[2:].decode(errors="replace"))
-                    close_reply = payload[:2]   # echo the code (none if there was none)
-                    break                       # nothing after a close frame counts
-        except UnicodeDecodeError:
-            self._closed = CloseReason(1007, "text message is not valid UTF-8")
-            close_reply = (1007).to_bytes(2, "big")
-        except ProtocolError as exc:
-            self._closed = CloseReason(exc.code, str(exc))
-            close_reply = exc.code.to_bytes(2, "big")
+        messages, pongs, close_reply = self._reader.receive(data)
+        self._messages.extend(messages)
+        if self._reader.closed is not None:
+            self._closed = self._reader.closed
         try:
             for p in pongs:
                 if not self._close_sent:
@@ -287,7 +312,7 @@ class WebSocket:
                 await self._stream.aclose()
 
 
-def _parse_url(url: str) -> tuple[str, int, str, str]:
+def parse_ws_url(url: str) -> tuple[str, int, str, str]:
     u = urlsplit(url)
     if u.scheme != "ws" or not u.hostname:
         raise ValueError(f"only ws://host[:port]/path URLs are supported, not {url!r}")
@@ -297,21 +322,30 @@ def _parse_url(url: str) -> tuple[str, int, str, str]:
     return u.hostname, port, target, host if u.port is None else f"{host}:{port}"
 
 
-async def client_handshake(stream: trio.abc.Stream, host_header: str, target: str) -> bytes:
-    """Send the upgrade request and check the answer; returns bytes read past the response head."""
+def handshake_request(host_header: str, target: str) -> tuple[bytes, str]:
+    """The upgrade request and the Sec-WebSocket-Key it carries (to check the answer with)."""
     key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all((f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    buf = bytearray()
-    while (end := buf.find(b"\r\n\r\n")) < 0:
-        if len(buf) > 65536:
-            raise HandshakeError(None, bytes(buf), "response head longer than 64 KiB")
-        chunk = await stream.receive_some(READ_SIZE)
-        if not chunk:
-            raise HandshakeError(None, bytes(buf))
-        buf += chunk
-    lines = buf[:end].decode("latin-1").split("\r\n")
+    request = (f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    return request, key
+
+
+def response_head_end(buf: bytes | bytearray) -> int | None:
+    """Where the bytes after the response head start, or None while the head is incomplete
+    (HandshakeError once it is longer than 64 KiB)."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 4
+    if len(buf) > 65536:
+        raise HandshakeError(None, bytes(buf), "response head longer than 64 KiB")
+    return None
+
+
+def check_handshake_response(buf: bytes | bytearray, key: str) -> None:
+    """Raises HandshakeError unless `buf` starts with a complete 101 response accepting `key`."""
+    end = buf.find(b"\r\n\r\n")
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         raise HandshakeError(None, bytes(buf), f"not an HTTP response: {lines[0]!r}")
@@ -328,14 +362,27 @@ async def client_handshake(stream: trio.abc.Stream, host_header: str, target: st
         raise HandshakeError(status, bytes(buf), "wrong Sec-WebSocket-Accept")
     if headers.get("sec-websocket-extensions"):
         raise HandshakeError(status, bytes(buf), "server chose an extension that was not offered")
-    return bytes(buf[end + 4:])
+
+
+async def client_handshake(stream: trio.abc.Stream, host_header: str, target: str) -> bytes:
+    """Send the upgrade request and check the answer; returns bytes read past the response head."""
+    request, key = handshake_request(host_header, target)
+    await stream.send_all(request)
+    buf = bytearray()
+    while (end := response_head_end(buf)) is None:
+        chunk = await stream.receive_some(READ_SIZE)
+        if not chunk:
+            raise HandshakeError(None, bytes(buf))
+        buf += chunk
+    check_handshake_response(buf, key)
+    return bytes(buf[end:])
 
 
 async def connect_websocket_url(url: str, connect_timeout: float = 60,
                                 max_message_size: int = MAX_MESSAGE) -> WebSocket:
     """Open the TCP connection and do the handshake, all within `connect_timeout`
     (trio.TooSlowError otherwise). The caller must `aclose()` the result."""
-    host, port, target, host_header = _parse_url(url)
+    host, port, target, host_header = parse_ws_url(url)
     with trio.fail_after(connect_timeout):
         stream = await trio.open_tcp_stream(host, port)
         try:

@@ -12,7 +12,8 @@ import trio.testing
 
 from sms.benchmarks.wsmini import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, ConnectionClosed, FrameParser, HandshakeError,
-    ProtocolError, WebSocket, accept_key, encode_frame, mask_payload, open_websocket_url,
+    MessageReader, ProtocolError, WebSocket, accept_key, check_handshake_response, encode_frame,
+    handshake_request, mask_payload, open_websocket_url, response_head_end,
 )
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
@@ -319,3 +320,51 @@ async def test_only_ws_urls(url: str) -> None:
     with pytest.raises(ValueError, match="ws://"):
         async with open_websocket_url(url):
             pass
+
+
+# -- the sans-IO pieces benchmarks/wsloop.py drives on plain sockets
+
+
+def test_handshake_request_and_a_matching_101_are_accepted() -> None:
+    request, key = handshake_request("127.0.0.1:8081", "/v1/events?token=t&batch=1")
+    head = request.decode("latin-1")
+    assert head.startswith("GET /v1/events?token=t&batch=1 HTTP/1.1\r\nHost: 127.0.0.1:8081\r\n")
+    assert f"Sec-WebSocket-Key: {key}\r\n" in head and head.endswith("\r\n\r\n")
+    response = upgrade(accept_key(key)) + b"\x81\x02hi"
+    assert response_head_end(response[:-5]) is None      # the head is not complete yet
+    end = response_head_end(response)
+    assert response[end:] == b"\x81\x02hi"
+    check_handshake_response(response, key)
+    with pytest.raises(HandshakeError):
+        check_handshake_response(upgrade(accept_key("another key")), key)
+    with pytest.raises(HandshakeError) as refused:
+        check_handshake_response(b"HTTP/1.1 403 Forbidden\r\n\r\n", key)
+    assert refused.value.status == 403
+    with pytest.raises(HandshakeError):
+        response_head_end(b"x" * 70000)
+
+
+def test_message_reader_reassembles_answers_pings_and_stops_at_a_close() -> None:
+    reader = MessageReader()
+    stream = (encode_frame(OP_TEXT, b"he", None, fin=False) + encode_frame(OP_PING, b"p1")
+              + encode_frame(OP_CONT, b"llo") + encode_frame(OP_BINARY, b"\x00\x01")
+              + encode_frame(OP_CLOSE, (1001).to_bytes(2, "big") + b"bye") + encode_frame(OP_TEXT, b"after"))
+    messages, pongs, close_reply = reader.receive(stream[:5])
+    assert (messages, pongs, close_reply) == ([], [], None)
+    messages, pongs, close_reply = reader.receive(stream[5:])
+    assert messages == ["hello", b"\x00\x01"] and pongs == [b"p1"]
+    assert close_reply == (1001).to_bytes(2, "big")
+    assert reader.closed.code == 1001 and reader.closed.reason == "bye"
+    assert reader.receive(encode_frame(OP_TEXT, b"more")) == ([], [], None)
+
+
+def test_message_reader_closes_on_bad_utf8_and_protocol_errors() -> None:
+    reader = MessageReader()
+    messages, _, reply = reader.receive(encode_frame(OP_TEXT, b"ok") + encode_frame(OP_TEXT, b"\xff"))
+    assert messages == ["ok"] and reply == (1007).to_bytes(2, "big") and reader.closed.code == 1007
+    reader = MessageReader(max_message_size=10)
+    _, _, reply = reader.receive(encode_frame(OP_TEXT, b"x" * 8, None, fin=False) + encode_frame(OP_CONT, b"y" * 8))
+    assert reply == (1009).to_bytes(2, "big") and reader.closed.code == 1009
+    reader = MessageReader()
+    _, _, reply = reader.receive(encode_frame(OP_CONT, b"orphan"))
+    assert reply == (1002).to_bytes(2, "big") and reader.closed.code == 1002
