@@ -43,6 +43,104 @@ class Transport(Protocol):
 WindowHook = Callable[[float, float], Awaitable[None]]
 
 
+def error_kind(exc: BaseException) -> str:
+    """How a failed send is counted: the error's `kind` (e.g. http_403) or its class name."""
+    return getattr(exc, "kind", None) or type(exc).__name__
+
+
+class OpenLoop:
+    """The bookkeeping of one point's open loop, without clock or I/O (times are arguments): which
+    sends are due, which of them start and which are not sent (`max_in_flight` reached), the sends
+    awaiting an answer and their timeouts. Both run_point here and benchmarks/wsloop.py walk a
+    schedule with it, so a point means the same whichever loop drives it.
+
+    A send started with `start(m, now)` is answered once: `answered(m, error, now)` on its ack or
+    failure, or `expire(now)` after `send_timeout_s`; whichever comes second is ignored."""
+
+    def __init__(self, rec: Recorder, workload: Workload, point: int, *, run_tag: str = "",
+                 local_senders: set[int] | None = None, send_timeout_s: float = 10.0) -> None:
+        self.rec = rec
+        self.workload = workload
+        self.point = point
+        self.run_tag = run_tag
+        self.local_senders = local_senders
+        self.send_timeout_s = send_timeout_s
+        self.in_flight = 0          # started sends not answered nor timed out
+        self.next_m = 0             # the next message of the schedule to consider
+        self._times = rec.schedule.times
+        self._senders = rec.schedule.senders
+        self._deadlines: deque[tuple[float, int]] = deque()   # (deadline, m), in send order
+        self._waiting: set[int] = set()                       # started sends still unanswered
+
+    @property
+    def next_due(self) -> float | None:
+        """When the next message of the schedule is due (monotonic), None after the last."""
+        m = self.next_m
+        return self.rec.start_at + self._times[m] if m < len(self._times) else None
+
+    def take_due(self, now: float) -> list[tuple[int, int]]:
+        """(m, sender) of every send due by `now` that this process drives and may start; a due
+        send beyond `max_in_flight` is recorded as not sent. The caller starts each one (counted
+        in flight from here on)."""
+        out = []
+        n, start_at, times = len(self._times), self.rec.start_at, self._times
+        m = self.next_m
+        while m < n and start_at + times[m] <= now:
+            sender = self._senders[m]
+            if self.local_senders is None or sender in self.local_senders:
+                if self.in_flight >= self.workload.max_in_flight:
+                    self.rec.on_skip(m)
+                else:
+                    self.in_flight += 1
+                    out.append((m, sender))
+            m += 1
+        self.next_m = m
+        return out
+
+    def body(self, m: int) -> str:
+        return message_body(self.point, m, self.workload.body_bytes)
+
+    def txn(self, m: int) -> str:
+        return f"{self.run_tag}p{self.point}m{m}"
+
+    def start(self, m: int, now: float) -> None:
+        """Send m starts now (taken from take_due): recorded, and timed out unless answered."""
+        self.rec.on_send(m, now)
+        self._waiting.add(m)
+        self._deadlines.append((now + self.send_timeout_s, m))
+
+    def answered(self, m: int, error: BaseException | None, now: float) -> None:
+        if m not in self._waiting:
+            return  # timed out already
+        self._waiting.discard(m)
+        self.in_flight -= 1
+        if error is None:
+            self.rec.on_ack(m, now)
+        else:
+            self.rec.on_ack(m, now, ok=False, error=error_kind(error))
+
+    def expire(self, now: float) -> None:
+        """Every started send unanswered `send_timeout_s` after it started fails as a timeout."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, m = deadlines.popleft()
+            if m in self._waiting:
+                self._waiting.discard(m)
+                self.in_flight -= 1
+                self.rec.on_ack(m, now, ok=False, error="timeout")
+
+    def settled(self, m: int, error: BaseException | None, now: float) -> None:
+        """The outcome of a send that timed itself out (a task per send): counted, no longer in
+        flight."""
+        self.in_flight -= 1
+        if error is None:
+            self.rec.on_ack(m, now)
+        elif isinstance(error, TimeoutError):
+            self.rec.on_ack(m, now, ok=False, error="timeout")
+        else:
+            self.rec.on_ack(m, now, ok=False, error=error_kind(error))
+
+
 async def run_point(
     transport: Transport,
     plan: Plan,
@@ -66,57 +164,26 @@ async def run_point(
     start_at = clock() + 0.2 if start_at is None else start_at
     rec = Recorder(plan, sched, point, start_at)
     transport.sink = lambda client, body, t: rec.on_body(client, body, t, parse_body)
-    in_flight = 0
+    loop = OpenLoop(rec, workload, point, run_tag=run_tag, local_senders=local_senders,
+                    send_timeout_s=send_timeout_s)
     window_done = anyio.Event()
-    t_window = (start_at + workload.warmup_s, start_at + workload.warmup_s + workload.duration_s)
+    t_window = measured_window(workload, start_at)
 
     async def one(m: int, sender: int) -> None:
-        nonlocal in_flight
-        body = message_body(point, m, workload.body_bytes)
         rec.on_send(m, clock())
+        error: BaseException | None = None
         try:
             with anyio.fail_after(send_timeout_s):
-                await transport.send(sender, body, f"{run_tag}p{point}m{m}")
-        except TimeoutError:
-            rec.on_ack(m, clock(), ok=False, error="timeout")
+                await transport.send(sender, loop.body(m), loop.txn(m))
         except Exception as exc:  # a refused or broken send is a result, not a crash
-            rec.on_ack(m, clock(), ok=False, error=getattr(exc, "kind", None) or type(exc).__name__)
-        else:
-            rec.on_ack(m, clock())
-        finally:
-            in_flight -= 1
+            error = exc
+        loop.settled(m, error, clock())
 
     fast = transport.send_nowait if getattr(transport, "can_send_nowait", False) else None  # type: ignore[attr-defined]
-    deadlines: deque[tuple[float, int]] = deque()   # (deadline, m) of fast sends, in send order
-    waiting: set[int] = set()                       # fast sends not answered nor timed out
-
-    def answered(m: int, exc: Exception | None) -> None:
-        nonlocal in_flight
-        if m not in waiting:
-            return  # timed out already
-        waiting.discard(m)
-        in_flight -= 1
-        if exc is None:
-            rec.on_ack(m, clock())
-        else:
-            rec.on_ack(m, clock(), ok=False, error=getattr(exc, "kind", None) or type(exc).__name__)
-
-    def expire(now: float) -> None:
-        nonlocal in_flight
-        while deadlines and deadlines[0][0] <= now:
-            _, m = deadlines.popleft()
-            if m in waiting:
-                waiting.discard(m)
-                in_flight -= 1
-                rec.on_ack(m, now, ok=False, error="timeout")
 
     def start_fast(m: int, sender: int) -> None:
-        body = message_body(point, m, workload.body_bytes)
-        now = clock()
-        rec.on_send(m, now)
-        waiting.add(m)
-        deadlines.append((now + send_timeout_s, m))
-        fast(sender, body, f"{run_tag}p{point}m{m}", lambda exc, m=m: answered(m, exc))
+        loop.start(m, clock())
+        fast(sender, loop.body(m), loop.txn(m), lambda exc, m=m: loop.answered(m, exc, clock()))
 
     async def run_window() -> None:
         try:
@@ -127,31 +194,21 @@ async def run_point(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_window)
-        n = len(sched)
-        m = 0
-        while m < n:
-            due = start_at + sched.times[m]
+        while (due := loop.next_due) is not None:
             now = clock()
-            expire(now)
+            loop.expire(now)
             if due > now:
                 await anyio.sleep(due - now)
                 continue
-            while m < n and start_at + sched.times[m] <= now:
-                sender = sched.senders[m]
-                if local_senders is None or sender in local_senders:
-                    if in_flight >= workload.max_in_flight:
-                        rec.on_skip(m)
-                    elif fast is not None:
-                        in_flight += 1
-                        start_fast(m, sender)
-                    else:
-                        in_flight += 1
-                        tg.start_soon(one, m, sender)
-                m += 1
+            for m, sender in loop.take_due(now):
+                if fast is not None:
+                    start_fast(m, sender)
+                else:
+                    tg.start_soon(one, m, sender)
         with anyio.move_on_after(send_timeout_s + 1):
-            while in_flight:
+            while loop.in_flight:
                 await anyio.sleep(0.01)
-                expire(clock())
+                loop.expire(clock())
         deadline = clock() + workload.drain_s
         while clock() < deadline and (fixed_drain or rec.outstanding > 0):
             await anyio.sleep(0.02)
@@ -160,3 +217,8 @@ async def run_point(
         tg.cancel_scope.cancel()
     transport.sink = None
     return rec
+
+
+def measured_window(workload: Workload, start_at: float) -> tuple[float, float]:
+    """The monotonic start and end of a point's measured window (after the warm-up)."""
+    return start_at + workload.warmup_s, start_at + workload.warmup_s + workload.duration_s
