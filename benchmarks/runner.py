@@ -195,7 +195,10 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
     if "_up_pid" in cluster:  # a cluster this run started
         shield(groups + [Group("sms-up", "launcher", [cluster["_up_pid"]])], say)
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        transport = SmsTransport(cluster, plan, users=users, say=say, send_via=send_via)
+        # Sends over the events sockets run on one selectors loop thread (benchmarks/wsloop.py):
+        # trio's per-message work was most of the generator's CPU, taken from the nodes.
+        io = "selectors" if send_via == "ws" else "trio"
+        transport = SmsTransport(cluster, plan, users=users, say=say, send_via=send_via, io=io)
         say(f"sms: {workload.clients} clients over {len(cluster['nodes'])} nodes, {workload.senders} senders, "
             f"{workload.rooms} rooms, {workload.body_bytes} B bodies, sends over {send_via}")
         await transport.setup(stack, nursery)
@@ -209,7 +212,10 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
                 spy = start_py_spy(cluster["nodes"][0]["pid"], w, Path(profile["dir"]), f"sms-node0-R{rate:g}")
             before = await scrape(cluster)
             frames_before = transport.frames
-            rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
+            if transport.loop is not None:
+                rec = await transport.run_loop_point(w, i, window=mon.window)
+            else:
+                rec = await run_point(transport, plan, w, i, run_tag=transport.tag, window=mon.window)
             after = await scrape(cluster)
             # WebSocket frames the clients read during the point (warm-up and drain included):
             # with batch=1 a frame carries every event queued for its client, so deliveries per
@@ -225,7 +231,8 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
         result = await drive(run_rate, policy, rates, say, "sms", groups)
         if profiles:
             result["profiles"] = profiles
-        result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients, "send_via": send_via}
+        result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients, "send_via": send_via,
+                            "generator_io": io}
         await transport.aclose()
         nursery.cancel_scope.cancel()
     return result

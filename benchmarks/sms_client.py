@@ -2,7 +2,9 @@
 accounts and rooms over REST; sends as "send" frames on the sender's own /v1/events WebSocket,
 answered by "ack"/"error" events (send_via="ws", the default) or with
 PUT /v1/rooms/{room}/messages/{txn} (send_via="http"); deliveries over /v1/events?batch=1.
-Runs under trio (its WebSockets are benchmarks/wsmini.py)."""
+Runs under trio. Its WebSockets are benchmarks/wsmini.py, a reader task per socket (io="trio"), or
+plain sockets on benchmarks/wsloop.py's selectors loop in a thread of its own (io="selectors",
+send_via="ws" only): then the measured points' socket work is that loop's, not trio's."""
 
 from __future__ import annotations
 
@@ -22,14 +24,25 @@ import trio
 from sms.node.gcpolicy import freeze_what_exists, tune_collector
 
 from .httpmini import HttpError, HttpPool
-from .schedule import Plan
+from .recorder import Recorder
+from .schedule import Plan, Workload
 # wsmini, not trio-websocket: the generator shares the 2 cores with the nodes it measures, and
 # trio-websocket's reader task and channels cost it ~10% of a core more at 1,000 sends/s.
-from .wsmini import ConnectionClosed, open_websocket_url
+from .wsmini import CloseReason, ConnectionClosed, HandshakeError, open_websocket_url
+from .wsloop import EventsLoop, open_events_socket, run_point_on_loop
 
 PASSWORD = "benchmark password"
 SEND_VIA = ("ws", "http")
+IO = ("trio", "selectors")
 clock = time.monotonic
+
+
+def apply_gc_policy() -> None:
+    """Once the sockets are open: the generator holds as many connections as the nodes together,
+    so it would stop for full garbage collections as they did (node/gcpolicy.py); the sockets
+    live until the point ends, so freezing them costs at most what one run allocated."""
+    tune_collector()
+    freeze_what_exists()
 
 
 class _Waiter:
@@ -71,10 +84,15 @@ class SmsTransport:
     say: Callable[[str], None] = lambda s: None
     sink: Callable[[int, str, float], None] | None = None
     send_via: str = "ws"              # "ws": send frames on the events socket; "http": PUT
+    io: str = "trio"                  # the events sockets: "trio" tasks, or one "selectors" loop thread
 
     def __post_init__(self) -> None:
         if self.send_via not in SEND_VIA:
             raise ValueError(f"send_via must be one of {SEND_VIA}, not {self.send_via!r}")
+        if self.io not in IO:
+            raise ValueError(f"io must be one of {IO}, not {self.io!r}")
+        if self.io == "selectors" and self.send_via != "ws":
+            raise ValueError("the selectors loop sends on the events sockets: it needs send_via='ws'")
         self.nodes = [n["http"] for n in self.cluster["nodes"]]
         self.accounts: list[Account] = []
         self.room_ids: list[str] = []
@@ -84,12 +102,18 @@ class SmsTransport:
         self.ws_open = 0
         self.connect_retries = 0
         self.ws_closed: dict[str, int] = {}
-        self.frames = 0
+        self._frames = 0                           # messages read by the trio readers
+        self.loop: EventsLoop | None = None        # io="selectors": the loop that owns the sockets
         self.sockets: dict[int, object] = {}       # client -> its open WebSocket
         self.pending: dict[str, _Waiter] = {}      # txn id -> a WebSocket send awaiting its answer
         self.send_clients: list[int] = []          # sender -> the client whose socket it sends on
         self.send_rooms: list[str] = []            # sender -> its room id
         self.outboxes: dict[int, trio.MemorySendChannel] = {}  # sending client -> (txn, frame) to write
+
+    @property
+    def frames(self) -> int:
+        """WebSocket messages the clients have read so far."""
+        return self._frames + (self.loop.frames if self.loop is not None else 0)
 
     def account_of(self, client: int) -> int:
         return client % (self.users or self.plan.clients)
@@ -116,7 +140,10 @@ class SmsTransport:
         """Accounts, rooms, memberships, WebSockets, send pools; then a probe message per room that
         every member must receive (the rooms' meshes have formed)."""
         await self.prepare(stack)
-        await self.connect_all(nursery)
+        if self.io == "selectors":
+            await self.connect_loop()
+        else:
+            await self.connect_all(nursery)
         await self.finish()
 
     async def prepare(self, stack: AsyncExitStack) -> None:
@@ -168,9 +195,7 @@ class SmsTransport:
         failures: list[BaseException] = []
 
         async def connect(c: int) -> None:
-            acc = self.accounts[self.account_of(c)]
-            url = (self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://")
-                   + f"/v1/events?token={acc.token}&batch=1")
+            url = self.events_url(c)
             for attempt in range(3):  # a handshake that timed out under load is tried again
                 await connected.acquire()
                 released = False
@@ -214,11 +239,59 @@ class SmsTransport:
             raise RuntimeError(f"only {self.ws_open} of {self.plan.clients} WebSockets opened; "
                                f"first failure: {failures[:1]!r}, closes: {self.ws_closed}")
         self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s")
-        # The generator holds as many connections as the nodes together, so it would stop for
-        # full garbage collections as they did (node/gcpolicy.py); the sockets live until the
-        # point ends, so freezing them costs at most what one run allocated.
-        tune_collector()
-        freeze_what_exists()
+        apply_gc_policy()
+
+    def events_url(self, c: int) -> str:
+        acc = self.accounts[self.account_of(c)]
+        return (self.nodes[self.plan.client_nodes[c]].replace("http://", "ws://")
+                + f"/v1/events?token={acc.token}&batch=1")
+
+    async def connect_loop(self) -> None:
+        """One WebSocket per client, to its node, handed to a selectors loop thread that reads
+        them from now on (io="selectors")."""
+        t1 = clock()
+        loop = EventsLoop(on_close=self._loop_socket_closed)
+        try:
+            for c in range(self.plan.clients):
+                sock, leftover = await trio.to_thread.run_sync(self._open_with_retries, c)
+                loop.add(c, sock, leftover)
+        except BaseException:
+            loop.stop()
+            raise
+        self.ws_open = loop.open_clients
+        self.loop = loop
+        loop.start()
+        self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s (one selectors loop)")
+        apply_gc_policy()
+
+    def _open_with_retries(self, c: int):
+        for attempt in range(3):  # a handshake that timed out under load is tried again
+            try:
+                return open_events_socket(self.events_url(c), timeout_s=60)
+            except (OSError, HandshakeError):
+                if attempt == 2:
+                    raise
+                self.connect_retries += 1
+        raise AssertionError("unreachable")
+
+    def _loop_socket_closed(self, c: int, reason: CloseReason) -> None:
+        """Called in the loop thread: counted like a trio reader's ConnectionClosed."""
+        self.ws_open -= 1
+        code = str(reason.code if reason.code is not None else "?")
+        self.ws_closed[code] = self.ws_closed.get(code, 0) + 1
+
+    async def run_loop_point(self, workload: Workload, point: int, window=None) -> Recorder:
+        """One measured point on the selectors loop (io="selectors"); see wsloop.run_point_on_loop."""
+        if self.loop is None:
+            raise RuntimeError("run_loop_point needs io='selectors' and an open loop")
+        send_to = list(zip(self.send_clients, self.send_rooms))
+        return await run_point_on_loop(self.loop, self.plan, workload, point, send_to=send_to,
+                                       run_tag=self.tag, window=window)
+
+    def _route_deliveries(self, sink) -> None:
+        self.sink = sink
+        if self.loop is not None:
+            self.loop.sink = sink
 
     async def _read(self, c: int, ws) -> None:
         """Client c's frames: deliveries to the sink (one clock reading per frame: a batch's events
@@ -227,7 +300,7 @@ class SmsTransport:
         while True:
             text = await ws.get_message()
             t = clock()
-            self.frames += 1
+            self._frames += 1
             try:
                 frame = orjson.loads(text)
             except orjson.JSONDecodeError:
@@ -260,7 +333,7 @@ class SmsTransport:
             acc = self.accounts[self.account_of(client)]
             self.send_clients.append(client)
             self.send_rooms.append(self.room_ids[room])
-            if self.send_via == "ws" and client not in self.outboxes:
+            if self.send_via == "ws" and self.loop is None and client not in self.outboxes:
                 send_channel, receive_channel = trio.open_memory_channel[tuple[str, str]](math.inf)
                 self.outboxes[client] = send_channel
                 self._nursery.start_soon(self._write, client, receive_channel)
@@ -284,7 +357,7 @@ class SmsTransport:
             if body in got:
                 got[body].add(c)
 
-        self.sink = sink
+        self._route_deliveries(sink)
         t0 = clock()
         try:
             for k, room_id in enumerate(self.room_ids):
@@ -303,13 +376,18 @@ class SmsTransport:
                 while any(got[b] != want[b] for b in want):
                     await trio.sleep(0.05)
         finally:
-            self.sink = None
+            self._route_deliveries(None)
         missing = sum(len(want[b] - got[b]) for b in want)
         if missing:
             raise RuntimeError(f"probe: {missing} member clients did not receive their room's probe in {timeout_s}s")
         self.say(f"  probe delivered to every member in {clock() - t0:.2f}s")
 
+    def _check_trio_io(self) -> None:
+        if self.loop is not None:
+            raise RuntimeError("the selectors loop owns the sockets: run points with run_loop_point")
+
     async def send(self, sender: int, body: str, txn: str) -> None:
+        self._check_trio_io()
         if self.send_via == "http":
             data = json.dumps({"body": body}).encode()
             status, resp = await self.pools[sender].request("PUT", self.paths[sender] + txn, self.headers[sender], data)
@@ -339,6 +417,7 @@ class SmsTransport:
         """The engine's fast path (no task per send): queues the send frame for the sender's
         writer and calls `done(None)` on its ack, `done(error)` on an error event or a lost
         socket (possibly before returning)."""
+        self._check_trio_io()
         client = self.send_clients[sender]
         if client not in self.sockets:
             done(ConnectionError("the sender's WebSocket is not open"))
@@ -368,5 +447,7 @@ class SmsTransport:
                         waiter.finish(exc if isinstance(exc, ConnectionError) else ConnectionError(str(exc)))
 
     async def aclose(self) -> None:
+        if self.loop is not None:
+            await trio.to_thread.run_sync(self.loop.stop)
         for p in self.pools:
             await p.aclose()

@@ -1,6 +1,6 @@
 """`sms bench run` end to end against a running 3-node cluster: the generator's WebSocket clients
-(wsmini, the send_nowait fast path), the recorder and the result file, at a rate any machine
-carries (no timing is asserted: that is what the benchmark itself reports)."""
+(plain sockets on one selectors loop, benchmarks/wsloop.py), the recorder and the result file, at
+a rate any machine carries (no timing is asserted: that is what the benchmark itself reports)."""
 
 from __future__ import annotations
 
@@ -33,4 +33,9 @@ async def test_a_bench_point_against_a_running_cluster_delivers_every_message_on
     assert point["expected_deliveries"] == point["delivered"] == 9 * 60
     assert point["lost"] == 0 and point["duplicates"] == 0
     assert doc["config"]["sms_client"]["send_via"] == "ws"
+    assert doc["systems"]["sms"]["layout"]["generator_io"] == "selectors"
+    # acks and deliveries came in frames the loop read and counted (batch=1: at most one frame
+    # per event, with room for other events such as presence)
+    assert 0 < point["ws_frames_read"] <= 2 * (60 + 9 * 60)
+    assert point["ws_closed"] == {}
     assert "highest rate that held" in output
