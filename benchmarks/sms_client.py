@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 import uuid
 from contextlib import AsyncExitStack
@@ -142,6 +143,7 @@ class SmsTransport:
         await self.prepare(stack)
         if self.io == "selectors":
             await self.connect_loop()
+            stack.callback(self.stop_loop)  # also when a point fails: the loop thread ends with the run
         else:
             await self.connect_all(nursery)
         await self.finish()
@@ -264,7 +266,7 @@ class SmsTransport:
         self.say(f"  {self.ws_open} WebSockets open in {clock() - t1:.1f}s (one selectors loop)")
         apply_gc_policy()
 
-    def _open_with_retries(self, c: int):
+    def _open_with_retries(self, c: int) -> tuple[socket.socket, bytes]:
         for attempt in range(3):  # a handshake that timed out under load is tried again
             try:
                 return open_events_socket(self.events_url(c), timeout_s=60)
@@ -446,8 +448,12 @@ class SmsTransport:
                     if waiter is not None:
                         waiter.finish(exc if isinstance(exc, ConnectionError) else ConnectionError(str(exc)))
 
-    async def aclose(self) -> None:
+    def stop_loop(self) -> None:
+        """Closes the selectors loop's sockets and ends its thread (bounded; again is harmless)."""
         if self.loop is not None:
-            await trio.to_thread.run_sync(self.loop.stop)
+            self.loop.stop()
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self.stop_loop)
         for p in self.pools:
             await p.aclose()
