@@ -26,6 +26,7 @@ from ..core.delivery import decode_cursor, encode_cursor
 from ..core.model import Message
 from ..errors import BadRequest, RateLimited, SmsError, Unauthorized
 from ..runtime import token_hash
+from . import wsserver
 
 log = logging.getLogger("sms.gateway")
 
@@ -503,6 +504,12 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
     @app.websocket("/v1/events")
     async def events(ws: WebSocket, token: str | None = None, since: str | None = None,
                      batch: str | None = None) -> None:
+        await events_session(ws, token, since, batch)
+
+    async def events_session(ws, token: str | None, since: str | None, batch: str | None) -> None:
+        """One events socket, from handshake to goodbye. `ws` is starlette's WebSocket (the ASGI
+        route above) or the node's own (node/adapters/wsserver.py serves the upgrade for
+        /v1/events itself when the connection's first request is one): the same calls on both."""
         origin = ws.headers.get("origin")
         if origin is not None and not origin_allowed(origin, ws.headers.get("host", "")):
             # A page from another site must not ride a user's token into their chat.
@@ -712,6 +719,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     pass
 
     app.include_router(v1)
+    app.state.events_session = events_session  # for wsserver's path
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -737,4 +745,5 @@ async def serve_gateway(app: FastAPI, host: str, port: int, *, task_status=trio.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     config.websocket_max_message_size = MAX_REQUEST_BYTES  # a send frame may be as large as a PUT
+    wsserver.install()  # the events socket's own path (node/adapters/wsserver.py)
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
