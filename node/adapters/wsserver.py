@@ -239,9 +239,16 @@ class EventsSocket:
     async def _write(self, data: bytes, quiet: bool = False) -> None:
         """Writes whole; a lost connection is WebSocketDisconnect (as starlette's send raises),
         or nothing at all when `quiet` (replies and closes to a client that may be gone)."""
+        lock = self._lock
         try:
-            async with self._lock:
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()  # the usual case: no scheduling round just for the lock
+            try:
                 await self._stream.send_all(data)
+            finally:
+                lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
             self.disconnected = True
             if not quiet:
