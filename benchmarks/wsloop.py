@@ -70,6 +70,23 @@ def open_events_socket(url: str, timeout_s: float = 60.0) -> tuple[socket.socket
         raise
 
 
+class MaskKeys:
+    """RFC 6455 masking keys from os.urandom, read 4 KiB at a time: one system call per 1,024
+    frames instead of one per frame (at 2,000 sends/s that was 2,000 getrandom calls a second)."""
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._batch = batch
+        self._buf = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        if self._pos + 4 > len(self._buf):
+            self._buf, self._pos = os.urandom(self._batch), 0
+        pos = self._pos
+        self._pos = pos + 4
+        return self._buf[pos:pos + 4]
+
+
 class _Client:
     """One open events socket: its reader state and the bytes waiting to be written."""
 
@@ -108,6 +125,7 @@ class EventsLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._mask = MaskKeys().next
 
     # -- life cycle (any thread)
 
@@ -240,11 +258,11 @@ class EventsLoop:
                 self._on_text(c.index, message, t)
         for payload in pongs:
             if not c.close_sent:
-                self._queue(c, encode_frame(OP_PONG, payload, os.urandom(4)))
+                self._queue(c, encode_frame(OP_PONG, payload, self._mask()))
         if c.reader.closed is not None:
             if close_reply is not None and not c.close_sent:
                 c.close_sent = True
-                self._queue(c, encode_frame(OP_CLOSE, close_reply, os.urandom(4)))
+                self._queue(c, encode_frame(OP_CLOSE, close_reply, self._mask()))
                 self._write(c)
             self._lost(c, c.reader.closed)
 
@@ -302,7 +320,7 @@ class EventsLoop:
         for c in list(self._clients.values()):
             if not c.close_sent:
                 c.close_sent = True
-                self._queue(c, encode_frame(OP_CLOSE, (1000).to_bytes(2, "big"), os.urandom(4)))
+                self._queue(c, encode_frame(OP_CLOSE, (1000).to_bytes(2, "big"), self._mask()))
                 self._write(c)
             self._forget(c)
 
@@ -341,7 +359,7 @@ class EventsLoop:
         c = self._clients.get(client)
         if c is None or c.close_sent:
             return False
-        self._queue(c, encode_frame(OP_TEXT, frame, os.urandom(4)))
+        self._queue(c, encode_frame(OP_TEXT, frame, self._mask()))
         return True
 
     # -- one measured point (loop thread)

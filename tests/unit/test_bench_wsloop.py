@@ -16,7 +16,7 @@ import pytest
 from sms.benchmarks.engine import OpenLoop
 from sms.benchmarks.recorder import Recorder
 from sms.benchmarks.schedule import Workload, client_plan, make_schedule
-from sms.benchmarks.wsloop import EventsLoop, open_events_socket
+from sms.benchmarks.wsloop import EventsLoop, MaskKeys, open_events_socket
 from sms.benchmarks.wsmini import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameParser, accept_key, encode_frame
 
 
@@ -186,3 +186,10 @@ def test_a_server_close_fails_the_senders_waiting_sends_and_is_reported() -> Non
     finally:
         loop.stop()
         server.close()
+
+
+def test_mask_keys_are_four_random_bytes_and_refill() -> None:
+    keys = MaskKeys(batch=8)
+    got = [keys.next() for _ in range(6)]   # three refills of two keys each
+    assert all(len(k) == 4 for k in got)
+    assert len(set(got)) == 6               # 2**-32 per pair to collide: random keys do not repeat
