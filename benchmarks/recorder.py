@@ -134,6 +134,8 @@ class Recorder:
         first = self.schedule.first_measured
         n = len(self.sent_at)
         latencies: list[float] = []
+        by_path: tuple[list[float], list[float]] = ([], [])  # recipient on the sender's node, on another
+        nodes = self.plan.client_nodes
         acks: list[float] = []
         lags: list[float] = []
         sent = acked = failed = skipped = expected = delivered = 0
@@ -155,9 +157,11 @@ class Recorder:
             want = self.recipients_of(m)
             expected += len(want)
             got = self.deliveries.get(m, {})
+            sender_node = nodes[self.plan.senders[self.schedule.senders[m]][0]]
             for c, td in got.items():
                 delivered += 1
                 latencies.append(td - t)
+                by_path[nodes[c] != sender_node].append(td - t)
         measured_total = n - first
         return {
             "scheduled": measured_total,
@@ -172,6 +176,10 @@ class Recorder:
             "loss_ratio": round((expected - delivered) / expected, 6) if expected else 0.0,
             "duplicates": self.duplicates_measured,
             "delivery_ms": summarize_ms(latencies),
+            # The same deliveries split by path: to a client of the sender's own node, and to a
+            # client of another node (through the mesh): where the latency comes from.
+            "delivery_ms_same_node": summarize_ms(by_path[0]),
+            "delivery_ms_other_node": summarize_ms(by_path[1]),
             "ack_ms": summarize_ms(acks),
             "lag_ms": summarize_ms(lags),
             "throughput": {

@@ -78,6 +78,23 @@ def test_recorder_counts_latency_loss_duplicates_and_errors():
     assert s["duplicates"] == 1 and rec.echoes == 1 and rec.strays == 1
     assert s["delivery_ms"]["p50"] == 25.0 and s["ack_ms"]["max"] == 10.0
     assert rec.outstanding == 16
+    # clients 2 and 4 sit on nodes 1 and 2, the sender (client 0) on node 0
+    assert s["delivery_ms_other_node"]["count"] == 2 and s["delivery_ms_same_node"]["count"] == 0
+
+
+def test_recorder_splits_latency_by_whether_the_recipient_shares_the_senders_node():
+    w = Workload(clients=4, senders=1, rooms=1, rate=10, duration_s=1, warmup_s=0)
+    plan = client_plan(w, nodes=2)          # one room; clients 0, 2 on node 0 and 1, 3 on node 1
+    assert plan.client_nodes == (0, 1, 0, 1)
+    rec = Recorder(plan, make_schedule(w), point=1, start_at=100.0)
+    rec.on_send(0, 100.0)
+    rec.on_body(2, message_body(1, 0, 64), 100.005, parse_body)  # same node: 5 ms
+    rec.on_body(1, message_body(1, 0, 64), 100.040, parse_body)  # other node: 40 ms
+    rec.on_body(3, message_body(1, 0, 64), 100.060, parse_body)  # other node: 60 ms
+    s = rec.summary(duration_s=1.0, cdf=0)
+    assert s["delivery_ms_same_node"]["count"] == 1 and s["delivery_ms_same_node"]["max"] == 5.0
+    assert s["delivery_ms_other_node"]["count"] == 2 and s["delivery_ms_other_node"]["mean"] == 50.0
+    assert s["delivery_ms"]["count"] == 3
 
 
 def test_recorder_export_merge_round_trip():
