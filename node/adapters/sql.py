@@ -87,6 +87,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
+import orjson
 import psycopg
 import psycopg.errors
 import trio
@@ -122,6 +123,18 @@ _INSERT_MESSAGES = (
     f"INSERT INTO messages ({_COLS}) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
     "%s::text[], %s::bigint[], %s::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
+)
+
+
+# PostgreSQL: the rows as one JSON array of objects (a Message's fields are the columns' names).
+# Dumping nine Python lists element by element was ~10% of a busy node's CPU; orjson writes the
+# document in C and the server parses it in C. check_storable has made sure orjson can write it
+# (valid Unicode, 64-bit ints). CockroachDB keeps the unnest form above.
+_INSERT_MESSAGES_JSON = (
+    f"INSERT INTO messages ({_COLS}) "
+    f"SELECT {_COLS} FROM json_to_recordset(%s::json) AS r(room_id text, message_id text, sender text, "
+    "txn_id text, body text, ts bigint, origin text, seq bigint, membership_rev bigint) "
     "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
 )
 
@@ -624,8 +637,7 @@ class SqlHistory:
         assert req.result is not None
         return req.result
 
-    @staticmethod
-    def _write_messages(conn: psycopg.Connection, msgs: list[Message]) -> list[Message]:
+    def _write_messages(self, conn: psycopg.Connection, msgs: list[Message]) -> list[Message]:
         """Insert what is new; return, per input, the canonical stored message."""
         # Dedupe first: one statement must not carry the same key twice.
         fresh: list[Message] = []
@@ -645,11 +657,14 @@ class SqlHistory:
                 # One column array per parameter: the statement's text is the same whatever the
                 # batch size, so it is parsed and planned once per connection (prepared), where a
                 # VALUES list of n rows was a new statement for every n.
-                cur.execute(_INSERT_MESSAGES, [
-                    [m.room_id for m in chunk], [m.message_id for m in chunk], [m.sender for m in chunk],
-                    [m.txn_id for m in chunk], [m.body for m in chunk], [m.ts for m in chunk],
-                    [m.origin for m in chunk], [m.seq for m in chunk], [m.membership_rev for m in chunk],
-                ])
+                if not self.is_cockroach:
+                    cur.execute(_INSERT_MESSAGES_JSON, [orjson.dumps(chunk).decode()])
+                else:
+                    cur.execute(_INSERT_MESSAGES, [
+                        [m.room_id for m in chunk], [m.message_id for m in chunk], [m.sender for m in chunk],
+                        [m.txn_id for m in chunk], [m.body for m in chunk], [m.ts for m in chunk],
+                        [m.origin for m in chunk], [m.seq for m in chunk], [m.membership_rev for m in chunk],
+                    ])
                 inserted.update((r[0], r[1]) for r in cur.fetchall())
 
             by_id: dict[tuple[str, str], Message] = {}
