@@ -10,14 +10,14 @@ What it does not do: TLS (ws:// only), extensions or compression, subprotocols, 
 the server side. One task reads (`get_message`); any number of tasks may send (a lock keeps
 their frames whole). Nothing reads ahead of the reader: a slow reader leaves data in the kernel.
 
-The protocol itself is sans-IO and free of trio (frames, `FrameParser`, `MessageReader`, the
+The protocol itself is sans-IO and free of trio (the frames are the node's own code,
+node/adapters/wscodec.py; `MessageReader`, the
 handshake's request and checks), so benchmarks/wsloop.py drives the same code on plain sockets.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 from collections import deque
 from contextlib import asynccontextmanager
@@ -27,10 +27,12 @@ from urllib.parse import urlsplit
 
 import trio
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
-MAX_MESSAGE = 16 * 1024 * 1024
+from sms.node.adapters.wscodec import (  # noqa: F401 - re-exported: the benchmark's names for them
+    GUID, MAX_MESSAGE, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, FrameParser, ProtocolError,
+    accept_key, encode_frame, mask_payload,
+)
+from sms.node.adapters.wscodec import MessageReader as FrameReader
+
 READ_SIZE = 65536
 
 
@@ -55,113 +57,15 @@ class HandshakeError(Exception):
         self.body_head = body_head
 
 
-class ProtocolError(Exception):
-    """The peer broke RFC 6455; `code` is the close code to answer with."""
-
-    def __init__(self, message: str, code: int = 1002) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def accept_key(key: str) -> str:
-    """The Sec-WebSocket-Accept a server must answer to `key`."""
-    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
-
-
-def mask_payload(payload: bytes, mask: bytes) -> bytes:
-    """XOR with the repeated 4-byte key (masking and unmasking are the same operation)."""
-    n = len(payload)
-    if not n:
-        return b""
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-
-
-def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None, fin: bool = True) -> bytes:
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | opcode
-    m = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((b0, m | n))
-    elif n < 65536:
-        head = bytes((b0, m | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, m | 127)) + n.to_bytes(8, "big")
-    if mask:
-        return head + mask + mask_payload(payload, mask)
-    return head + payload
-
-
-class FrameParser:
-    """Incremental: `feed` any split of the byte stream, get back the complete frames as
-    (fin, opcode, unmasked payload); a partial frame waits in the buffer for the next feed."""
-
-    def __init__(self, max_size: int = MAX_MESSAGE) -> None:
-        self.buf = bytearray()
-        self.max_size = max_size
-
-    def feed(self, data: bytes) -> list[tuple[bool, int, bytes]]:
-        if self.buf:
-            self.buf += data
-            buf: bytes | bytearray = self.buf
-        else:  # the usual case, a read that starts at a frame: slice the bytes with one copy
-            buf = bytes(data)
-        end = len(buf)
-        pos = 0
-        out = []
-        while end - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            if b0 & 0x70:
-                raise ProtocolError("reserved bits set, but no extension was negotiated")
-            opcode = b0 & 0x0F
-            if opcode not in _OPCODES:
-                raise ProtocolError(f"unknown opcode {opcode:#x}")
-            n = b1 & 0x7F
-            p = pos + 2
-            if n == 126:
-                if end - p < 2:
-                    break
-                n = int.from_bytes(buf[p:p + 2], "big")
-                p += 2
-            elif n == 127:
-                if end - p < 8:
-                    break
-                n = int.from_bytes(buf[p:p + 8], "big")
-                p += 8
-            if opcode >= 0x8 and (n > 125 or not b0 & 0x80):
-                raise ProtocolError("control frame longer than 125 bytes or fragmented")
-            if n > self.max_size:
-                raise ProtocolError(f"frame of {n} bytes exceeds the {self.max_size}-byte limit", 1009)
-            mask = None
-            if b1 & 0x80:
-                if end - p < 4:
-                    break
-                mask = bytes(buf[p:p + 4])
-                p += 4
-            if end - p < n:
-                break
-            payload = bytes(buf[p:p + n]) if buf is self.buf else buf[p:p + n]
-            out.append((bool(b0 & 0x80), opcode, mask_payload(payload, mask) if mask else payload))
-            pos = p + n
-        if buf is self.buf:
-            del self.buf[:pos]
-        elif pos < end:
-            self.buf = bytearray(buf[pos:])
-        return out
-
-
 class MessageReader:
     """Sans-IO reading side of a connection: `receive` any split of the byte stream, get back
     (complete messages, ping payloads to answer with pongs, the close frame payload to answer with
     or None). Text messages come back as str, binary as bytes; fragments are reassembled. After a
-    close frame or a protocol violation `closed` says why, and nothing more is read."""
+    close frame or a protocol violation `closed` says why, and nothing more is read. (The framing
+    is the node's own, node/adapters/wscodec.py; this adds the client's view of a close.)"""
 
     def __init__(self, max_message_size: int = MAX_MESSAGE) -> None:
-        self._parser = FrameParser(max_message_size)
-        self._max = max_message_size
-        self._frag_op: int | None = None    # opcode of the fragmented message being reassembled
-        self._frags: list[bytes] = []
-        self._frag_len = 0
+        self._reader = FrameReader(max_message_size)
         self.closed: CloseReason | None = None
 
     def receive(self, data: bytes) -> tuple[list[str | bytes], list[bytes], bytes | None]:
@@ -169,44 +73,23 @@ class MessageReader:
         pongs: list[bytes] = []
         if self.closed is not None:
             return messages, pongs, None
-        try:
-            for fin, op, payload in self._parser.feed(data):
-                if op == OP_TEXT or op == OP_BINARY:
-                    if self._frag_op is not None:
-                        raise ProtocolError("new message inside a fragmented one")
-                    if fin:
-                        messages.append(payload.decode() if op == OP_TEXT else payload)
-                    else:
-                        self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
-                elif op == OP_CONT:
-                    self._continue(fin, payload, messages)
-                elif op == OP_PING:
-                    pongs.append(payload)
-                elif op == OP_CLOSE:
-                    if len(payload) == 1:
-                        raise ProtocolError("close frame with a 1-byte payload")
-                    code = int.from_bytes(payload[:2], "big") if payload else 1005
-                    self.closed = CloseReason(code, payload[2:].decode(errors="replace"))
-                    return messages, pongs, payload[:2]   # echo the code; nothing after a close counts
-        except UnicodeDecodeError:
-            self.closed = CloseReason(1007, "text message is not valid UTF-8")
-            return messages, pongs, (1007).to_bytes(2, "big")
-        except ProtocolError as exc:
-            self.closed = CloseReason(exc.code, str(exc))
-            return messages, pongs, exc.code.to_bytes(2, "big")
+        for op, payload in self._reader.feed(data):
+            if op == OP_TEXT or op == OP_BINARY:
+                messages.append(payload)
+            elif op == OP_PING:
+                pongs.append(payload)  # type: ignore[arg-type]
+            elif op == OP_CLOSE:
+                if len(payload) == 1:
+                    self.closed = CloseReason(1002, "close frame with a 1-byte payload")
+                    return messages, pongs, (1002).to_bytes(2, "big")
+                code = int.from_bytes(payload[:2], "big") if payload else 1005  # type: ignore[arg-type]
+                self.closed = CloseReason(code, payload[2:].decode(errors="replace"))  # type: ignore[union-attr]
+                return messages, pongs, payload[:2]   # echo the code; nothing after a close counts
+        err = self._reader.error
+        if err is not None:
+            self.closed = CloseReason(err.code, str(err))
+            return messages, pongs, err.code.to_bytes(2, "big")
         return messages, pongs, None
-
-    def _continue(self, fin: bool, payload: bytes, messages: list[str | bytes]) -> None:
-        if self._frag_op is None:
-            raise ProtocolError("continuation frame without a message to continue")
-        self._frags.append(payload)
-        self._frag_len += len(payload)
-        if self._frag_len > self._max:
-            raise ProtocolError(f"message exceeds the {self._max}-byte limit", 1009)
-        if fin:
-            whole = b"".join(self._frags)
-            messages.append(whole.decode() if self._frag_op == OP_TEXT else whole)
-            self._frag_op, self._frags, self._frag_len = None, [], 0
 
 
 class WebSocket:

@@ -153,7 +153,9 @@ class MessageReader:
     """Frames in, messages out: reassembles fragmented messages, checks text is UTF-8 and that a
     message stays within the limit. `feed` returns (opcode, payload) items in order: OP_TEXT with
     a str, OP_BINARY with bytes, and the control frames OP_PING, OP_PONG, OP_CLOSE with their raw
-    payload. Nothing after a close frame is returned. Raises ProtocolError."""
+    payload. Nothing after a close frame (`closed`) is returned. A protocol violation ends the
+    reading too: `error` is then the ProtocolError (with its close code), and the items read
+    before it in the same feed are still returned."""
 
     def __init__(self, max_message: int = MAX_MESSAGE, *, require_mask: bool = False) -> None:
         self._parser = FrameParser(max_message, require_mask=require_mask)
@@ -162,36 +164,43 @@ class MessageReader:
         self._frags: list[bytes] = []
         self._frag_len = 0
         self.closed = False                # a close frame was read
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, str | bytes]]:
         out: list[tuple[int, str | bytes]] = []
-        if self.closed:
+        if self.closed or self.error is not None:
             return out
-        for fin, op, payload in self._parser.feed(data):
-            if op == OP_TEXT or op == OP_BINARY:
-                if self._frag_op is not None:
-                    raise ProtocolError("new message inside a fragmented one")
-                if fin:
-                    out.append((op, _decode(payload) if op == OP_TEXT else payload))
+        try:
+            for fin, op, payload in self._parser.feed(data):
+                if op == OP_TEXT or op == OP_BINARY:
+                    if self._frag_op is not None:
+                        raise ProtocolError("new message inside a fragmented one")
+                    if fin:
+                        out.append((op, _decode(payload) if op == OP_TEXT else payload))
+                    else:
+                        self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
+                elif op == OP_CONT:
+                    self._continue(fin, payload, out)
                 else:
-                    self._frag_op, self._frags, self._frag_len = op, [payload], len(payload)
-            elif op == OP_CONT:
-                if self._frag_op is None:
-                    raise ProtocolError("continuation frame without a message to continue")
-                self._frags.append(payload)
-                self._frag_len += len(payload)
-                if self._frag_len > self._max:
-                    raise ProtocolError(f"message exceeds the {self._max}-byte limit", CLOSE_TOO_BIG)
-                if fin:
-                    whole = b"".join(self._frags)
-                    out.append((self._frag_op, _decode(whole) if self._frag_op == OP_TEXT else whole))
-                    self._frag_op, self._frags, self._frag_len = None, [], 0
-            else:
-                out.append((op, payload))
-                if op == OP_CLOSE:
-                    self.closed = True
-                    break  # nothing after a close frame counts
+                    out.append((op, payload))
+                    if op == OP_CLOSE:
+                        self.closed = True
+                        break  # nothing after a close frame counts
+        except ProtocolError as err:
+            self.error = err
         return out
+
+    def _continue(self, fin: bool, payload: bytes, out: list[tuple[int, str | bytes]]) -> None:
+        if self._frag_op is None:
+            raise ProtocolError("continuation frame without a message to continue")
+        self._frags.append(payload)
+        self._frag_len += len(payload)
+        if self._frag_len > self._max:
+            raise ProtocolError(f"message exceeds the {self._max}-byte limit", CLOSE_TOO_BIG)
+        if fin:
+            whole = b"".join(self._frags)
+            out.append((self._frag_op, _decode(whole) if self._frag_op == OP_TEXT else whole))
+            self._frag_op, self._frags, self._frag_len = None, [], 0
 
 
 def _decode(payload: bytes) -> str:

@@ -210,14 +210,7 @@ class EventsSocket:
         return self._queue.popleft()
 
     async def _take(self, data: bytes) -> None:
-        try:
-            items = self._reader.feed(data)
-        except ProtocolError as err:
-            await self.close(err.code, str(err))
-            self._queue.append({"type": "websocket.disconnect", "code": err.code})
-            self.disconnected = True
-            return
-        for op, payload in items:
+        for op, payload in self._reader.feed(data):
             if op == OP_TEXT:
                 self._queue.append({"type": "websocket.receive", "text": payload})
             elif op == OP_BINARY:
@@ -235,6 +228,11 @@ class EventsSocket:
                     await self._write(encode_frame(OP_CLOSE, reply), quiet=True)
                 self._queue.append({"type": "websocket.disconnect", "code": code})
                 self.disconnected = True
+        err = self._reader.error
+        if err is not None and not self.disconnected:  # what came before it still counts
+            await self.close(err.code, str(err))
+            self._queue.append({"type": "websocket.disconnect", "code": err.code})
+            self.disconnected = True
 
     async def _write(self, data: bytes, quiet: bool = False) -> None:
         """Writes whole; a lost connection is WebSocketDisconnect (as starlette's send raises),

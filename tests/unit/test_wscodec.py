@@ -78,10 +78,12 @@ def test_messages_are_reassembled_and_control_frames_pass_in_order() -> None:
     ([encode_frame(OP_TEXT, b"a", MASK, fin=False), encode_frame(OP_TEXT, b"b", MASK)], 1002),
     ([encode_frame(OP_TEXT, b"a" * 60, MASK, fin=False), encode_frame(OP_CONT, b"b" * 60, MASK)], 1009),
 ])
-def test_message_errors_carry_their_close_code(frames: list[bytes], code: int) -> None:
-    with pytest.raises(ProtocolError) as err:
-        MessageReader(100, require_mask=True).feed(b"".join(frames))
-    assert err.value.code == code
+def test_message_errors_carry_their_close_code_and_end_the_reading(frames: list[bytes], code: int) -> None:
+    reader = MessageReader(100, require_mask=True)
+    first = encode_frame(OP_TEXT, b"before", MASK)
+    assert reader.feed(first + b"".join(frames)) == [(OP_TEXT, "before")]  # what came first still counts
+    assert reader.error is not None and reader.error.code == code
+    assert reader.feed(encode_frame(OP_TEXT, b"after", MASK)) == []
 
 
 def test_close_payloads() -> None:
