@@ -10,9 +10,9 @@ What it does not do: TLS (ws:// only), extensions or compression, subprotocols, 
 the server side. One task reads (`get_message`); any number of tasks may send (a lock keeps
 their frames whole). Nothing reads ahead of the reader: a slow reader leaves data in the kernel.
 
-The protocol itself is sans-IO and free of trio (the frames are the node's own code,
-node/adapters/wscodec.py; `MessageReader`, the
-handshake's request and checks), so benchmarks/wsloop.py drives the same code on plain sockets.
+The protocol itself is sans-IO and free of trio (the framing is the node's own,
+node/adapters/wscodec.py; `MessageReader`, the handshake's request and checks), so
+benchmarks/wsloop.py drives the same code on plain sockets.
 """
 
 from __future__ import annotations
