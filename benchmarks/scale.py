@@ -17,7 +17,6 @@ from typing import Callable
 
 import trio
 
-from .engine import run_point
 from .resources import Group, ResourceMonitor, _sample, cluster_groups, shield
 from .results import result_doc, write_result
 from .runner import point_line, point_record, quiet, sms_system, with_cluster, work_dir_for, workload_config
@@ -58,14 +57,17 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
         shield(groups + [Group("sms-up", "launcher", [cluster["_up_pid"]])], say)
     policy = SweepPolicy(start_rate=w.rate, max_rate=w.rate)
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        transport = SmsTransport(cluster, plan, users=users, say=say, setup_concurrency=8, connect_concurrency=100)
+        # The sockets run on one selectors loop thread (benchmarks/wsloop.py), as `sms bench run`'s:
+        # with trio tasks the generator, not the nodes, was what ran out of CPU at 40 sends/s.
+        transport = SmsTransport(cluster, plan, users=users, say=say, setup_concurrency=8, io="selectors")
         say(f"conn-scale: {w.clients} WebSockets over {len(cluster['nodes'])} nodes as {users} accounts, "
             f"{w.rooms} rooms, {w.senders} chatting at {w.rate:g} sends/s in all")
         await transport.prepare(stack)
         await trio.sleep(2.0)
         before = _rss_by_group(groups)
         t0 = time.monotonic()
-        await transport.connect_all(nursery)
+        await transport.connect_loop()
+        stack.callback(transport.stop_loop)
         connect_s = time.monotonic() - t0
         await trio.sleep(3.0)
         after = _rss_by_group(groups)
@@ -108,7 +110,7 @@ async def _conn_scale(cluster: dict, w: Workload, users: int, say: Say) -> dict:
             failure = f"the probe (one message per room, all members must receive it) did not finish in {PROBE_BUDGET_S:g}s"
         if failure is None:
             mon = ResourceMonitor(groups)
-            rec = await run_point(transport, plan, w, 1, run_tag=transport.tag, window=mon.window)
+            rec = await transport.run_loop_point(w, 1, window=mon.window)
             p = point_record(rec, w, mon.result, policy, {"ws_open_at_end": transport.ws_open,
                                                           "ws_closed": dict(transport.ws_closed)})
             say(point_line("sms", p))
