@@ -95,6 +95,7 @@ from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..core.model import Message
+from ..core.pacing import CommitPacer
 from ..errors import BadRequest, NotFound, Unavailable
 from ..ports import HistoryPage
 
@@ -563,8 +564,14 @@ class SqlHistory:
         send, recv = trio.open_memory_channel[_AppendRequest](max(64, 4 * self.max_batch))
         self._send, self._recv = send, recv
         task_status.started()
+        pacer = CommitPacer()  # a busy node commits fuller batches (node/core/pacing.py)
+        last_start: float | None = None
         async with recv:
             async for first in recv:
+                wait = pacer.wait(last_start, trio.current_time())
+                if wait > 0:
+                    await trio.sleep(wait)  # what arrives meanwhile joins this batch
+                last_start = trio.current_time()
                 batch = [first]
                 size = len(first.messages)
                 while size < self.max_batch:
@@ -579,6 +586,7 @@ class SqlHistory:
                         continue
                     batch.append(req)
                     size += len(req.messages)
+                pacer.note_messages(size, last_start)
                 await self._flush(batch)
 
     def _stop_batches(self) -> None:

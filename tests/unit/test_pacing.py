@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from sms.node.core.envelope import (
     split_into_bundles,
 )
 from sms.node.core.model import MAX_BODY_BYTES, Message, message_id_for
-from sms.node.core.pacing import FramePacer, chunk_messages
+from sms.node.core.pacing import CommitPacer, DecayingRate, FramePacer, chunk_messages
 
 
 def message(i: int, body: str = "hi") -> Message:
@@ -152,3 +154,39 @@ def test_garbage_bundles_raise_only_frame_errors(data: bytes) -> None:
             decode_frame(raw)
         except FrameError:
             pass
+
+
+def test_commits_are_not_paced_while_the_node_is_quiet() -> None:
+    pacer = CommitPacer(max_gap_s=0.008, quiet_messages_per_s=300, busy_messages_per_s=600)
+    assert pacer.wait(None, 0.0) == 0.0
+    t = 0.0
+    for _ in range(100):  # 100 messages/s, one per commit: a lone send commits at once
+        t += 0.01
+        pacer.note_messages(1, t)
+        assert pacer.wait(t, t + 0.001) == 0.0
+
+
+def test_a_busy_node_waits_up_to_the_gap_and_the_gap_shrinks_as_load_falls() -> None:
+    pacer = CommitPacer(max_gap_s=0.008, quiet_messages_per_s=300, busy_messages_per_s=600)
+    t = 0.0
+    for _ in range(1000):  # 1,000 messages/s for 10 s, in commits of 10
+        t += 0.01
+        pacer.note_messages(10, t)
+    assert pacer.gap(t) == pytest.approx(0.008)
+    assert pacer.wait(t, t + 0.003) == pytest.approx(0.005)   # 3 ms after the last start
+    assert pacer.wait(t, t + 0.010) == 0.0                    # the gap has passed
+    # half-way between quiet and busy, about half the gap; and none once the load has decayed
+    mid = t + math.log(1000 / 450)                             # the estimate decays from 1,000 to 450
+    assert pacer.gap(mid) == pytest.approx(0.004, rel=0.05)
+    assert pacer.gap(t + 10) == 0.0
+
+
+def test_the_decaying_rate_estimates_a_steady_rate() -> None:
+    rate = DecayingRate(window_s=1.0)
+    assert rate.at(5.0) == 0.0
+    t = 0.0
+    for _ in range(1000):  # 200 events/s for 5 s
+        t += 0.005
+        rate.note(1, t)
+    assert rate.at(t) == pytest.approx(200, rel=0.05)
+    assert rate.at(t + 1.0) == pytest.approx(200 / math.e, rel=0.05)
