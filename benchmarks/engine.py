@@ -185,15 +185,8 @@ async def run_point(
         loop.start(m, clock())
         fast(sender, loop.body(m), loop.txn(m), lambda exc, m=m: loop.answered(m, exc, clock()))
 
-    async def run_window() -> None:
-        try:
-            if window is not None:
-                await window(*t_window)
-        finally:
-            window_done.set()
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run_window)
+        tg.start_soon(run_window, window, t_window, window_done)
         while (due := loop.next_due) is not None:
             now = clock()
             loop.expire(now)
@@ -217,6 +210,16 @@ async def run_point(
         tg.cancel_scope.cancel()
     transport.sink = None
     return rec
+
+
+async def run_window(window: WindowHook | None, t_window: tuple[float, float], done) -> None:
+    """Runs `window(t0, t1)` (resource sampling) over a point's measured window, if there is
+    one; sets the event `done` however that ends."""
+    try:
+        if window is not None:
+            await window(*t_window)
+    finally:
+        done.set()
 
 
 def measured_window(workload: Workload, start_at: float) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from .schedule import Plan, Workload
 # wsmini, not trio-websocket: the generator shares the 2 cores with the nodes it measures, and
 # trio-websocket's reader task and channels cost it ~10% of a core more at 1,000 sends/s.
 from .wsmini import CloseReason, ConnectionClosed, HandshakeError, open_websocket_url
-from .wsloop import EventsLoop, open_events_socket, run_point_on_loop
+from .wsloop import EventsLoop, dispatch_frame, open_events_socket, run_point_on_loop
 
 PASSWORD = "benchmark password"
 SEND_VIA = ("ws", "http")
@@ -299,29 +299,17 @@ class SmsTransport:
         """Client c's frames: deliveries to the sink (one clock reading per frame: a batch's events
         were all read at once), acks and errors to the sends waiting for them."""
         pending = self.pending
+
+        def answered(txn: object, error: Exception | None, _t: float) -> None:
+            waiter = pending.pop(txn, None)  # type: ignore[arg-type]
+            if waiter is not None:
+                waiter.finish(error)
+
         while True:
             text = await ws.get_message()
             t = clock()
             self._frames += 1
-            try:
-                frame = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(frame, dict):
-                continue
-            for event in frame.get("events", ()) if frame.get("type") == "batch" else (frame,):
-                kind = event.get("type")
-                if kind == "message":
-                    sink = self.sink
-                    body = event.get("body")
-                    if sink is not None and isinstance(body, str):
-                        sink(c, body, t)
-                elif kind == "ack" or kind == "error":
-                    waiter = pending.pop(event.get("txn_id"), None)
-                    if waiter is not None:
-                        # an error is counted like the HTTP error the PUT would have given
-                        waiter.finish(HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
-                                      if kind == "error" else None)
+            dispatch_frame(text, c, t, self.sink, answered)
 
     def _fail_pending(self, c: int) -> None:
         for txn, waiter in list(self.pending.items()):

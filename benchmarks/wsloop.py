@@ -30,7 +30,7 @@ from typing import Callable
 import orjson
 import trio
 
-from .engine import OpenLoop, WindowHook, measured_window
+from .engine import OpenLoop, WindowHook, measured_window, run_window
 from .httpmini import HttpError
 from .recorder import Recorder
 from .schedule import Plan, Workload, make_schedule, parse_body
@@ -42,6 +42,41 @@ from .wsmini import (
 clock = time.monotonic   # the engine's clock
 Sink = Callable[[int, str, float], None]
 IDLE_WAIT_S = 1.0        # longest sleep between points (a submitted job wakes the loop at once)
+
+
+def frame_events(text: str | bytes) -> list[dict]:
+    """The events one frame of the events socket carries: a batch's, or the frame itself; none for
+    what is not a JSON object (skipped: the point then counts what never arrived)."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(frame, dict):
+        return []
+    events = frame.get("events", ()) if frame.get("type") == "batch" else (frame,)
+    return [e for e in events if isinstance(e, dict)]
+
+
+def dispatch_frame(text: str | bytes, client: int, t: float, sink: Sink | None,
+                   answered: Callable[[object, Exception | None, float], None]) -> None:
+    """One frame read by `client` at `t`: each delivered body to `sink(client, body, t)`, each ack
+    or error to `answered(txn_id, None or the error, t)`."""
+    for event in frame_events(text):
+        kind = event.get("type")
+        if kind == "message":
+            body = event.get("body")
+            if sink is not None and isinstance(body, str):
+                sink(client, body, t)
+        elif kind == "ack" or kind == "error":
+            answered(event.get("txn_id"), answer_error(event), t)
+
+
+def answer_error(event: dict) -> HttpError | None:
+    """What an ack or error event says of its send: None for an ack; for an error, the HTTP error
+    the PUT would have given (so both ways of sending count failures alike)."""
+    if event.get("type") != "error":
+        return None
+    return HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
 
 
 def open_events_socket(url: str, timeout_s: float = 60.0) -> tuple[socket.socket, bytes]:
@@ -268,32 +303,12 @@ class EventsLoop:
 
     def _on_text(self, client: int, text: str, t: float) -> None:
         """Deliveries to the sink, acks and errors to the point's send waiting for them."""
-        try:
-            frame = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(frame, dict):
-            return
-        for event in frame.get("events", ()) if frame.get("type") == "batch" else (frame,):
-            if not isinstance(event, dict):
-                continue
-            kind = event.get("type")
-            if kind == "message":
-                sink = self.sink
-                body = event.get("body")
-                if sink is not None and isinstance(body, str):
-                    sink(client, body, t)
-            elif kind == "ack" or kind == "error":
-                self._on_answer(event, kind, t)
+        dispatch_frame(text, client, t, self.sink, self._on_answer)
 
-    def _on_answer(self, event: dict, kind: str, t: float) -> None:
-        sent = self._pending.pop(event.get("txn_id"), None)  # type: ignore[arg-type]
-        if sent is None or self._answer is None:
-            return
-        # an error is counted like the HTTP error the PUT would have given
-        error = (HttpError(int(event.get("status") or 0), orjson.dumps(event.get("error")))
-                 if kind == "error" else None)
-        self._answer(sent[1], error, t)
+    def _on_answer(self, txn: object, error: Exception | None, t: float) -> None:
+        sent = self._pending.pop(txn, None)  # type: ignore[arg-type]
+        if sent is not None and self._answer is not None:
+            self._answer(sent[1], error, t)
 
     def _lost(self, c: _Client, reason: CloseReason) -> None:
         """The server closed client c's socket or it broke: its sends awaiting an answer fail."""
@@ -421,15 +436,8 @@ async def run_point_on_loop(events: EventsLoop, plan: Plan, workload: Workload, 
     future = events.submit(lambda: events.run_point(loop, send_to, workload.drain_s))
     window_done = trio.Event()
 
-    async def run_window() -> None:
-        try:
-            if window is not None:
-                await window(*t_window)
-        finally:
-            window_done.set()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_window)
+        nursery.start_soon(run_window, window, t_window, window_done)
         await trio.to_thread.run_sync(future.result)
         with trio.move_on_after(max(0.0, t_window[1] - clock()) + 5):
             await window_done.wait()
