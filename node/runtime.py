@@ -352,8 +352,8 @@ class Node:
 
     async def send_many(self, user_id: str, requests: list[tuple[str, str, object]]) -> list[Message | SmsError]:
         """Several sends of one user, as (room_id, txn_id, body): the outcome of each, in order, a
-        stored message or the error it was refused with. They share one trip to the database,
-        which is what a client writing sends back to back saves by having them read together."""
+        stored message or the error it was refused with. They share one trip to the database
+        (the events socket gathers a connection's sends that arrive while earlier ones commit)."""
         for room_id in dict.fromkeys(r[0] for r in requests):
             if self.cache.room(room_id) is not None:
                 await self.ready_room(room_id)

@@ -531,18 +531,15 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
-        def prepare(event: dict, with_cursor: bool = True) -> dict | None:
-            """The event as this client gets it; None for a message it was sent already."""
+        def prepare(event: dict) -> dict | None:
+            """The event as this client gets it on its own (a message with its cursor); None for
+            a message it was sent already."""
             if event.get("type") == "message":
                 if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                     return None  # sent already: exactly once per connection
                 event = {k: v for k, v in event.items() if k[0] != "_"}
-                if with_cursor:
-                    event["cursor"] = encode_cursor(sub.tracker)
+                event["cursor"] = encode_cursor(sub.tracker)
             return event
-
-        async def write(event: dict) -> None:
-            await ws.send({"type": "websocket.send", "text": dumps(event)})
 
         def encoded(event: dict) -> bytes | None:
             """The event's JSON as this client gets it inside a batch; None for a message it was
@@ -573,7 +570,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         async def push(event: dict) -> None:
             prepared = prepare(event)
             if prepared is not None:
-                await write(prepared)
+                await ws.send({"type": "websocket.send", "text": dumps(prepared)})
 
         async def push_all(events) -> None:
             if not batched:
