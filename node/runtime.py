@@ -1038,6 +1038,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     on_frame=lambda *a: node_ref[0].on_frame(*a),
                     validator=lambda *a: node_ref[0].validate_frame(*a),
                     admission=cache.admitted,
+                    cluster_size=cache.node_count,
+                    cluster_addrs=lambda: {p: str(i.get("multiaddr", "")) for p, i in cache.nodes().items()},
                     sync_handler=lambda *a: node_ref[0].handle_sync(*a),
                     on_peer_connected=lambda peer: node_ref[0].on_peer_connected(peer),
                 )

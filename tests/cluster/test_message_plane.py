@@ -138,6 +138,7 @@ async def test_a_thousand_concurrent_messages_from_all_nodes_arrive_exactly_once
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
         room, users = await setup_room(cluster, http)
         listeners = [Listener([cluster.http(i)], users[i][1]) for i in range(3)]
+        before = [(await http.get(cluster.http(i) + "/v1/status")).json()["p2p"] for i in range(3)]
         async with trio.open_nursery() as nursery:
             for l in listeners:
                 await nursery.start(l.run)
@@ -158,6 +159,12 @@ async def test_a_thousand_concurrent_messages_from_all_nodes_arrive_exactly_once
         histories = [await full_history(http, cluster.http(i), room, users[i][1]) for i in range(3)]
         assert histories[0] == histories[1] == histories[2]
         assert set(histories[0]) == set(sent) and len(histories[0]) == 1000
+        # Three nodes meet each other at once (the registry gives their addresses), so their
+        # frames went on direct streams, not relayed over GossipSub.
+        after = [(await http.get(cluster.http(i) + "/v1/status")).json()["p2p"] for i in range(3)]
+        for b, a in zip(before, after):
+            assert a["direct_frames_in"] > b["direct_frames_in"] and a["direct_frames_out"] > b["direct_frames_out"]
+            assert a["direct_fallbacks"] == b["direct_fallbacks"]
 
 
 async def test_a_killed_node_restarts_and_its_clients_miss_nothing(cluster: ClusterProcess) -> None:
