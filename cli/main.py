@@ -78,11 +78,11 @@ def node(
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
                                      help="Requests per second per user that change state, cluster-wide (0: off)."),
-    max_frames_per_s: float = typer.Option(100.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
-                                           help="Cap on the GossipSub frames this node publishes per second while it is "
+    max_frames_per_s: float = typer.Option(200.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
+                                           help="Cap on the frames this node publishes per second while it is "
                                                 "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
                                                 "frame and share it: lower saves CPU per message, higher adds less latency."),
-    min_frames_per_s: float = typer.Option(20.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
+    min_frames_per_s: float = typer.Option(50.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
                                            help="The cap once this node handles 100 messages/s or more; in between it "
                                                 "falls linearly from --max-frames-per-s."),
     allow_origin: List[str] = typer.Option([], "--allow-origin",

@@ -1,15 +1,16 @@
-"""How often a node may publish a GossipSub frame (FramePacer, a token bucket) and start a database
-commit (CommitPacer). Pure: time is an argument.
+"""How often a node may publish a frame to its peers (FramePacer, a token bucket) and start a
+database commit (CommitPacer). Pure: time is an argument.
 
-py-libp2p spends milliseconds of CPU per GossipSub frame on every node that sends, forwards or
-receives it, whatever the frame's size. So the publisher caps the frame rate instead of the message
+py-libp2p spends about a millisecond of CPU per frame on every node that sends or receives it
+(several over GossipSub, which also forwards), whatever the frame's size. So the publisher caps the frame rate instead of the message
 rate: while the cap is not reached a frame goes at once (low latency when the cluster is quiet);
 once it is, the publisher waits for the next token and everything queued meanwhile rides in that
 one frame (throughput under load, at the cost of at most 1/rate of added latency). The cap itself
 falls as the node's message rate rises. The defaults are measured (docs/benchmarks.md, "Frame
-pacing"): a room's members on all 3 nodes, 100 frames/s kept p99 at 12 ms at 100 sends/s where 20
-gave 58 ms (the wait for a token); falling to 20 frames/s by 100 messages/s per node kept the
-middle loads from spending the CPU on frames (400 sends/s: node CPU 32% instead of 50%).
+pacing"), a room's members on all 3 nodes: with frames on direct streams (a third of GossipSub's
+cost), 200 frames/s at idle falling to 50 by 100 messages/s per node gave p99 32 ms at 400 sends/s
+and 51 ms at 2,400, where 100 falling to 20 gave 59 and 72 ms; more frames than that (300 to 60,
+or the floor reached only at 300 messages/s per node) spent the CPU the messages needed.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class FramePacer:
     frame carries many messages, and the CPU saved keeps the queues short). In between the rate
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
-    max_rate: float = 100.0              # frames per second at idle; 0 or less: no cap at all
-    min_rate: float = 20.0               # frames per second at or beyond busy_messages_per_s
+    max_rate: float = 200.0              # frames per second at idle; 0 or less: no cap at all
+    min_rate: float = 50.0               # frames per second at or beyond busy_messages_per_s
     busy_messages_per_s: float = 100.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
