@@ -11,12 +11,12 @@ Every unit of work is one SERIALIZABLE transaction run by `_transact`:
 
     attempt = 0
     loop:
-        take a pooled connection (checked with an empty query: a connection that died during an
-        outage is replaced, not handed out)
+        take a pooled connection (checked with an empty query if it has been idle for a second:
+        a connection that died during an outage is replaced, not handed out)
         BEGIN; work(conn); [fault hook]; COMMIT
         (or, for work that writes with one statement, autocommit: [fault hook]; work(conn))
         SQLSTATE 40001 / 40P01 / 40003  -> jittered exponential backoff, retry (bounded: RetryPolicy)
-        connection lost mid-flight      -> retry once on a fresh connection
+        connection lost mid-flight      -> retry on another connection (at most pool_size + 1 times)
         anything operational            -> errors.Unavailable("database unreachable: ...")
 
 Retrying is safe because every write is idempotent: appends are INSERT ... ON CONFLICT DO NOTHING
@@ -81,8 +81,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import random
 import time
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Sequence, TypeVar
@@ -337,6 +339,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
+# A pooled connection idle this long is checked with an empty query before it is handed out.
+CHECK_AFTER_IDLE_S = 1.0
+
+
 def _is_connection_loss(e: psycopg.Error) -> bool:
     """The connection broke under us (as opposed to the database refusing new ones)."""
     if isinstance(e, PoolTimeout):
@@ -406,7 +412,7 @@ class SqlHistory:
             reconnect_timeout=reconnect_timeout,
             kwargs=self._connect_kwargs,
             configure=self._configure,
-            check=ConnectionPool.check_connection,
+            check=self._check_if_idle,
             name="sms-history",
         )
         self.pool_timeout = pool_timeout
@@ -415,6 +421,9 @@ class SqlHistory:
         # never blocks because every thread is started by a caller holding a slot.
         self._limiter = trio.CapacityLimiter(pool_size)
         self._threads = trio.CapacityLimiter(pool_size)
+        self._pool_size = pool_size
+        # connection -> when it last finished a unit of work (time.monotonic()), for the check
+        self._worked_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._send: trio.MemorySendChannel[_AppendRequest] | None = None
         self._recv: trio.MemoryReceiveChannel[_AppendRequest] | None = None
         self._closed = False
@@ -424,6 +433,15 @@ class SqlHistory:
     @staticmethod
     def _configure(conn: psycopg.Connection) -> None:
         conn.isolation_level = IsolationLevel.SERIALIZABLE
+
+    def _check_if_idle(self, conn: psycopg.Connection) -> None:
+        """The pool's check on checkout, an empty query, only for a connection idle for
+        CHECK_AFTER_IDLE_S: on a busy node it was a second round trip for every batch (the
+        statement itself being the first). A connection that just worked but died since (the
+        server restarted this very second) fails its statement instead, and _transact replays
+        the work on another connection: the writes are idempotent."""
+        if time.monotonic() - self._worked_at.get(conn, -math.inf) >= CHECK_AFTER_IDLE_S:
+            ConnectionPool.check_connection(conn)
 
     async def _run(self, op: str, work: Callable[[psycopg.Connection], T], *, deadline: float | None = None,
                    single_statement: bool = False) -> T:
@@ -464,7 +482,7 @@ class SqlHistory:
         database instead of BEGIN, the statement and COMMIT. The retries are the same."""
         deadline = time.monotonic() + (self.pool_timeout if budget is None else budget)
         attempt = 0
-        reconnected = False
+        replays = 0
         while True:
             try:
                 with self._pool.connection(timeout=max(_MIN_CONNECTION_WAIT, deadline - time.monotonic())) as conn:
@@ -483,6 +501,7 @@ class SqlHistory:
                             result = work(conn)
                             if self.fault_hook is not None:
                                 self.fault_hook(op, attempt, conn)
+                    self._worked_at[conn] = time.monotonic()
                 self.stats.transactions += 1
                 return result
             except psycopg.Error as e:
@@ -498,10 +517,12 @@ class SqlHistory:
                     cap = min(self.retry.max_delay, self.retry.base_delay * (2 ** (attempt - 1)))
                     time.sleep(self._rng.uniform(0, cap))
                     continue
-                if _is_connection_loss(e) and not reconnected:
-                    # The server went away between the pool's check and our work (or during it).
-                    # Our writes are idempotent, so one replay on a fresh connection is safe.
-                    reconnected = True
+                if _is_connection_loss(e) and replays <= self._pool_size:
+                    # The server went away since the connection last worked (or during our work).
+                    # Our writes are idempotent, so a replay on another connection is safe; the
+                    # pool drops the broken one, and every pooled one may be broken after a
+                    # restart, hence up to pool_size + 1 replays.
+                    replays += 1
                     self.stats.reconnects += 1
                     continue
                 if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):

@@ -272,6 +272,36 @@ async def test_restart_between_calls_is_invisible(pg_server):
         assert [m.txn_id for m in (await h.page(ROOM, limit=10)).messages] == ["a", "b"]
 
 
+async def test_a_restart_right_after_busy_use_is_invisible_though_no_connection_was_checked(pg_server):
+    # Connections that worked within CHECK_AFTER_IDLE_S are handed out unchecked; after a restart
+    # every one of them is dead, and the work is replayed until a fresh one takes it.
+    async with open_history(pg_server.dsn, pool_timeout=10.0, group_commit=False) as h:
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(h.append, [msg(f"busy-{i}", 1 + i)])
+        await trio.to_thread.run_sync(pg_server.restart)
+        await h.append([msg("after", 20)])
+        assert h.stats.reconnects >= 1
+        assert len((await h.page(ROOM, limit=20)).messages) == 9
+
+
+async def test_a_connection_is_checked_only_after_it_was_idle(pg_server, monkeypatch):
+    import sms.node.adapters.sql as sql
+
+    checks = []
+    real_check = sql.ConnectionPool.check_connection
+    monkeypatch.setattr(sql.ConnectionPool, "check_connection", staticmethod(lambda conn: checks.append(conn) or real_check(conn)))
+    async with open_history(pg_server.dsn, pool_size=1, group_commit=False) as h:
+        await h.append([msg("first", 1)])
+        first = len(checks)  # a fresh connection is checked before its first use
+        for i in range(5):
+            await h.append([msg(f"busy-{i}", 2 + i)])
+        assert len(checks) == first  # it kept working: no check, no extra round trip
+        monkeypatch.setattr(sql, "CHECK_AFTER_IDLE_S", 0.0)  # every connection counts as idle now
+        await h.append([msg("idle", 10)])
+        assert len(checks) == first + 1
+
+
 # -- long pagination ------------------------------------------------------------------------------
 
 
