@@ -20,6 +20,7 @@ from typing import List, Optional
 import typer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ("nats", "nats-fsync", "gossipsub")
 
 
 def _say(line: str) -> None:
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
         max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
         refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
         max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
-        baselines: str = typer.Option("nats,gossipsub", help="Comma list from: nats, gossipsub ('' for none)."),
+        baselines: str = typer.Option("nats,nats-fsync,gossipsub", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -87,7 +88,7 @@ def register(app: typer.Typer) -> None:
         warmup: float = typer.Option(2.0, min=0, max=120),
         drain: float = typer.Option(5.0, min=0, max=60),
         max_in_flight: int = typer.Option(512, min=1),
-        baselines: str = typer.Option("", help="Comma list from: nats, gossipsub."),
+        baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, gossipsub."),
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -186,9 +187,9 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
         raise typer.BadParameter(f"--send-via must be one of {', '.join(SEND_VIA)}")
 
     wanted = [b.strip() for b in baselines.split(",") if b.strip()]
-    bad = [b for b in wanted if b not in ("nats", "gossipsub")]
+    bad = [b for b in wanted if b not in BASELINES]
     if bad:
-        raise typer.BadParameter(f"unknown baseline(s) {bad}; use nats, gossipsub")
+        raise typer.BadParameter(f"unknown baseline(s) {bad}; use {', '.join(BASELINES)}")
     wd = work_dir_for(work_dir)
     stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     systems: dict = {}
@@ -200,6 +201,8 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
         n_nodes = len(cluster["nodes"])
     if "nats" in wanted:
         systems["nats"] = nats_system(w, policy, rates, _say, wd)
+    if "nats-fsync" in wanted:
+        systems["nats-fsync"] = nats_system(w, policy, rates, _say, wd, fsync=True)
     if "gossipsub" in wanted:
         systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
     from . import runner

@@ -38,13 +38,20 @@ def nats_server_binary() -> str:
 
 
 @contextmanager
-def nats_server(work_dir: Path, say: Callable[[str], None] = print) -> Iterator[dict]:
-    """Starts `nats-server -js` on a free loopback port; yields {"url", "pid"}; stops that PID."""
+def nats_server(work_dir: Path, say: Callable[[str], None] = print, *, fsync: bool = False) -> Iterator[dict]:
+    """Starts `nats-server -js` on a free loopback port; yields {"url", "pid"}; stops that PID.
+    `fsync`: JetStream syncs its file store at every write (`sync_interval: always`) before it
+    acknowledges, as sms commits every message before its ack; by default it syncs every 2
+    minutes and acknowledges what is only in the page cache."""
     port = free_port()
     store = work_dir / f"nats-{port}"
     store.mkdir(parents=True, exist_ok=True)
     log_path = store / "nats.log"
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log_path)]
+    if fsync:
+        conf = store / "nats.conf"
+        conf.write_text("jetstream {\n  sync_interval: always\n}\n")  # the store dir is given by -sd
+        cmd += ["-c", str(conf)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15

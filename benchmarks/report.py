@@ -50,12 +50,12 @@ def summary_table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def versus_nats(doc: dict) -> list[tuple[float, float, float, float]]:
-    """(rate, sms p99, nats p99, ratio) at every rate both systems were measured at."""
+def versus_nats(doc: dict, baseline: str = "nats") -> list[tuple[float, float, float, float]]:
+    """(rate, sms p99, the baseline's p99, ratio) at every rate both systems were measured at."""
     systems = doc["systems"]
-    if "sms" not in systems or "nats" not in systems:
+    if "sms" not in systems or baseline not in systems:
         return []
-    nats = {p["offered_rate"]: p for p in systems["nats"]["points"]}
+    nats = {p["offered_rate"]: p for p in systems[baseline]["points"]}
     out = []
     for p in systems["sms"]["points"]:
         q = nats.get(p["offered_rate"])
@@ -89,10 +89,11 @@ def _res_names(doc: dict, system: str) -> list[str]:
 def render(doc: dict) -> str:
     parts = [f"result {doc['kind']} of {doc['created']} (git {str(doc['git'].get('commit'))[:10]}"
              f"{', dirty' if doc['git'].get('dirty') else ''})", "", summary_table(doc), "", points_table(doc)]
-    vs = versus_nats(doc)
-    if vs:
-        parts += ["", "| offered/s | sms p99 ms | NATS p99 ms | sms / NATS |", "|---:|---:|---:|---:|"]
-        parts += [f"| {_f(r, 2)} | {_f(a)} | {_f(b)} | {_f(x, 2)} |" for r, a, b, x in vs]
+    for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write")):
+        vs = versus_nats(doc, baseline)
+        if vs:
+            parts += ["", f"| offered/s | sms p99 ms | {title} p99 ms | sms / {title} |", "|---:|---:|---:|---:|"]
+            parts += [f"| {_f(r, 2)} | {_f(a)} | {_f(b)} | {_f(x, 2)} |" for r, a, b, x in vs]
     if "sms" in doc["systems"]:
         parts += ["", "sms processes (CPU % of one core / RSS):", "", resources_table(doc, "sms")]
     return "\n".join(parts)

@@ -240,15 +240,17 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
 
 # -- NATS
 
-def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say, work_dir: Path) -> dict:
+def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say, work_dir: Path,
+                *, fsync: bool = False) -> dict:
     from .nats_client import NatsTransport, nats_server, server_pid_groups
 
+    name = "nats-fsync" if fsync else "nats"
     plan = client_plan(workload, 1)
-    with nats_server(work_dir, say) as server:
+    with nats_server(work_dir, say, fsync=fsync) as server:
         async def main() -> dict:
             transport = NatsTransport(server["url"], plan, say=say)
-            say(f"nats: {workload.clients} clients, {workload.senders} senders, {workload.rooms} rooms, "
-                f"JetStream file storage, publish waits for the PubAck")
+            say(f"{name}: {workload.clients} clients, {workload.senders} senders, {workload.rooms} rooms, "
+                f"JetStream file storage{' synced at every write' if fsync else ''}, publish waits for the PubAck")
             await transport.setup()
             groups = server_pid_groups(server["pid"])
             shield(groups, say)
@@ -262,12 +264,12 @@ def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | No
                 return p
 
             try:
-                return await drive(run_rate, policy, rates, say, "nats", groups)
+                return await drive(run_rate, policy, rates, say, name, groups)
             finally:
                 await transport.aclose()
 
         result = anyio.run(main, backend="asyncio")
-    result["layout"] = {"servers": 1, "storage": "file"}
+    result["layout"] = {"servers": 1, "storage": "file", "sync_interval": "always" if fsync else "default (2 min)"}
     return result
 
 

@@ -82,3 +82,8 @@ def test_report_tables_and_the_nats_comparison():
     text = render(doc)
     assert "| sms | 100 |" in text and "| nats | 100 |" in text
     assert text.count("\n| sms | ") == 4  # the summary row and three points
+    assert "NATS, fsync per write" not in text
+    doc["systems"]["nats-fsync"] = {"points": [pt(100, True)], "max_sustained_rate": 100}
+    doc["systems"]["nats-fsync"]["points"][0]["delivery_ms"]["p99"] = 4.0
+    assert versus_nats(doc, "nats-fsync") == [(100, 1.0, 4.0, 0.25)]
+    assert "| sms / NATS, fsync per write |" in render(doc)
