@@ -1,9 +1,11 @@
-"""The libp2p adapter: host, Kademlia DHT, GossipSub. The only module that imports libp2p.
+"""The libp2p adapter: host, Kademlia DHT, GossipSub, direct push. The only module that imports
+libp2p.
 
 How resources and errors are handled: `P2PNode.serve()` owns the host and its services for as long
 as it runs and tears them down when cancelled. Every libp2p exception is caught here: a failed dial
 or DHT query is logged and retried by the discovery loop; a frame a peer sends is handed to the
-`on_frame` callback and, if the validator rejects it, counted against that peer.
+`on_frame` callback and, if the validator rejects it, counted against that peer; a direct stream
+that breaks or stalls is dropped, and GossipSub carries the frame.
 
 py-libp2p 0.8.1 settings we rely on (measured, see docs/protocol.md):
 - GossipSub `/meshsub/1.1.0` only (1.2's IDONTWANT doubles CPU);
@@ -142,9 +144,9 @@ MAX_SYNC_BYTES = 8 * 1024 * 1024
 # connected cluster this does what GossipSub does for a frame at a third of the CPU (measured with
 # three real hosts, a 3 KB frame: 3.4 ms over GossipSub against 1.1 ms direct, all hosts counted):
 # no signature to make and check per message, and no forwarded copy that every receiver reads and
-# drops as already seen. GossipSub stays the path for bigger clusters (more than DIRECT_MAX_PEERS
-# peers), for a frame when some connected peer has no direct stream yet, and for everything else
-# it does (presence of peers, scoring). docs/protocol.md, "Direct push".
+# drops as already seen. GossipSub keeps running (mesh, heartbeats, scoring) and carries a frame
+# whenever direct push cannot reach every node: a cluster of more than DIRECT_MAX_PEERS peers, a
+# node not connected yet, a peer without a direct stream yet. docs/protocol.md, "Direct push".
 DIRECT_PROTOCOL = TProtocol("/sms/direct/1.0.0")
 DIRECT_MAX_PEERS = 16
 MAX_DIRECT_FRAME_BYTES = 4 * 1024 * 1024
