@@ -1040,6 +1040,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     admission=cache.admitted,
                     cluster_size=cache.node_count,
                     cluster_addrs=lambda: {p: str(i.get("multiaddr", "")) for p, i in cache.nodes().items()},
+                    rooms_at_start=("", BUNDLE_ROOM),  # the presence topic; every node's bundles
                     sync_handler=lambda *a: node_ref[0].handle_sync(*a),
                     on_peer_connected=lambda peer: node_ref[0].on_peer_connected(peer),
                 )
@@ -1074,8 +1075,6 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node.serve_repair)
                 nursery.start_soon(node.serve_ephemeral)
                 nursery.start_soon(node.serve_retention)
-                await p2p.join_room("")  # the presence topic
-                await p2p.join_room(BUNDLE_ROOM)  # every node's message bundles
                 yield node
                 nursery.cancel_scope.cancel()
         finally:

@@ -252,6 +252,9 @@ class P2PNode:
     # peer id -> multiaddr of every registered node: the discovery loop dials those it has not
     # met, so a small cluster is fully connected in a second rather than whenever the DHT says.
     cluster_addrs: Callable[[], dict[str, str]] | None = None
+    # Rooms (topics) joined as the node starts, before it dials anyone or accepts a peer's direct
+    # stream: a frame pushed to a node not yet on its topic would be dropped.
+    rooms_at_start: tuple[str, ...] = ()
     stats: P2PStats = field(default_factory=P2PStats)
 
     def __post_init__(self) -> None:
@@ -291,6 +294,7 @@ class P2PNode:
         self._linking: set[str] = set()          # peers a stream is being opened to
         self._no_direct_until: dict[str, float] = {}  # peers that refused or failed a stream
         self._seen_frames: dict[bytes, None] = {}  # digests of frames handed over, oldest first
+        self._started = trio.Event()  # rooms_at_start joined: direct streams are accepted from now
         self.host.get_network().register_notifee(_AdmissionNotifee(self))
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_stream)
         self.host.set_stream_handler(DIRECT_PROTOCOL, self._serve_direct_stream)
@@ -367,6 +371,9 @@ class P2PNode:
             await self.pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for room_id in self.rooms_at_start:
+                    await self.join_room(room_id)
+                self._started.set()
                 nursery.start_soon(self._discovery_loop)
                 task_status.started()
                 await trio.sleep_forever()
@@ -756,6 +763,9 @@ class P2PNode:
             await _reset_quietly(stream)
             return
         try:
+            # Accepted once the node is on its topics (a peer may dial us while we start): until
+            # then the peer's frames go over GossipSub, which waits for our subscriptions too.
+            await self._started.wait()
             await stream.write(_DIRECT_ACCEPT)
             while True:
                 head = await _read_exact(stream, 4)

@@ -197,6 +197,32 @@ async def test_a_node_reached_only_through_another_gets_the_frames_relayed_over_
     assert sorted(carol.frames()) == sorted(bob.frames()) == sorted([b"via bob %d" % i for i in range(5)] + [b"direct"])
 
 
+async def test_a_starting_node_accepts_direct_streams_only_once_it_is_on_its_topics():
+    alice, bob = Peer(), Peer(rooms_at_start=(ROOM,))
+    on_topics = trio.Event()
+    join = bob.node.join_room
+
+    async def slow_join(room_id: str) -> None:  # bob is slow to subscribe while it starts
+        await on_topics.wait()
+        await join(room_id)
+
+    bob.node.join_room = slow_join
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alice.node.serve)
+        nursery.start_soon(bob.node.serve)
+        await wait_for(lambda: bool(bob.node.host.get_addrs()), what="bob listening")
+        await alice.node._dial(bob.node.multiaddrs[0])  # alice asks for a direct stream at once
+        await trio.sleep(0.5)
+        assert bob.id not in alice.node._links  # not accepted: bob would drop what it got
+        on_topics.set()
+        await wait_for(lambda: bob.id in alice.node._links, what="the stream accepted")
+        await alice.node.join_room(ROOM)
+        await alice.node.publish(ROOM, b"first")
+        await wait_for(lambda: bob.frames() == [b"first"], what="the frame")
+        nursery.cancel_scope.cancel()
+    assert bob.node.stats.direct_frames_in == 1 and bob.node.stats.direct_dropped == 0
+
+
 async def test_a_cluster_over_the_limit_publishes_over_gossipsub_only():
     alice, bob = Peer(direct_max_peers=1), Peer(direct_max_peers=1)
     carol = Peer(direct_max_peers=1)
