@@ -244,7 +244,9 @@ class PresencePut(BaseModel):
 
 class BodyCap:
     """Refuses a request whose declared body is over the cap before reading it. Plain ASGI:
-    Starlette's BaseHTTPMiddleware costs a task group per request on the hot path."""
+    Starlette's BaseHTTPMiddleware costs a task group per request on the hot path. The unread
+    body leaves the connection unusable, so the answer says `connection: close`: a client that
+    kept it for its next request got a disconnect instead of an answer."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -255,7 +257,8 @@ class BodyCap:
                 if name == b"content-length" and value.isdigit() and int(value) > MAX_REQUEST_BYTES:
                     body = json.dumps(error_body("payload_too_large", f"request body over {MAX_REQUEST_BYTES} bytes")).encode()
                     await send({"type": "http.response.start", "status": 413,
-                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                            (b"connection", b"close")]})
                     await send({"type": "http.response.body", "body": body})
                     return
         await self.app(scope, receive, send)
