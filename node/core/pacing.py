@@ -2,11 +2,11 @@
 database commit (CommitPacer). Pure: time is an argument.
 
 py-libp2p spends about a millisecond of CPU per frame on every node that sends or receives it
-(several over GossipSub, which also forwards), whatever the frame's size. So the publisher caps the frame rate instead of the message
-rate: while the cap is not reached a frame goes at once (low latency when the cluster is quiet);
-once it is, the publisher waits for the next token and everything queued meanwhile rides in that
-one frame (throughput under load, at the cost of at most 1/rate of added latency). The cap itself
-falls as the node's message rate rises. The defaults are measured (docs/benchmarks.md, "Frame
+(several over GossipSub, which also forwards), whatever the frame's size. So the publisher caps
+the frame rate instead of the message rate: while the cap is not reached a frame goes at once (low
+latency when the cluster is quiet); once it is, the publisher waits for the next token and
+everything queued meanwhile rides in that one frame (throughput under load, at the cost of at most
+1/rate of added latency). The cap itself falls as the node's message rate rises. The defaults are measured (docs/benchmarks.md, "Frame
 pacing"), a room's members on all 3 nodes: with frames on direct streams (a third of GossipSub's
 cost), 200 frames/s at idle falling to 50 by 100 messages/s per node gave p99 32 ms at 400 sends/s
 and 51 ms at 2,400, where 100 falling to 20 gave 59 and 72 ms; more frames than that (300 to 60,
