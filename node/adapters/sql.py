@@ -421,7 +421,6 @@ class SqlHistory:
         # never blocks because every thread is started by a caller holding a slot.
         self._limiter = trio.CapacityLimiter(pool_size)
         self._threads = trio.CapacityLimiter(pool_size)
-        self._pool_size = pool_size
         # connection -> when it last finished a unit of work (time.monotonic()), for the check
         self._worked_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._send: trio.MemorySendChannel[_AppendRequest] | None = None
@@ -517,7 +516,7 @@ class SqlHistory:
                     cap = min(self.retry.max_delay, self.retry.base_delay * (2 ** (attempt - 1)))
                     time.sleep(self._rng.uniform(0, cap))
                     continue
-                if _is_connection_loss(e) and replays <= self._pool_size:
+                if _is_connection_loss(e) and replays <= self._pool.max_size:
                     # The server went away since the connection last worked (or during our work).
                     # Our writes are idempotent, so a replay on another connection is safe; the
                     # pool drops the broken one, and every pooled one may be broken after a
