@@ -75,6 +75,9 @@ def node(
     secret_file: Optional[Path] = typer.Option(None, "--secret-file",
                                                help="File holding the cluster secret (else $SMS_CLUSTER_SECRET)."),
     group_commit: bool = typer.Option(True, help="Write concurrent sends in batches."),
+    db_wire: bool = typer.Option(True, envvar="SMS_DB_WIRE",
+                                 help="Write those batches from the node's event loop on a connection of "
+                                      "their own (--no-db-wire: in worker threads, like all other queries)."),
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
                                      help="Requests per second per user that change state, cluster-wide (0: off)."),
@@ -83,8 +86,14 @@ def node(
                                                 "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
                                                 "frame and share it: lower saves CPU per message, higher adds less latency."),
     min_frames_per_s: float = typer.Option(50.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
-                                           help="The cap once this node handles 100 messages/s or more; in between it "
-                                                "falls linearly from --max-frames-per-s."),
+                                           help="The cap once this node handles --busy-messages-per-s or more; in "
+                                                "between it falls linearly from --max-frames-per-s."),
+    busy_messages_per_s: float = typer.Option(100.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,
+                                              help="Messages per second through this node at which the frame cap "
+                                                   "reaches --min-frames-per-s."),
+    publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
+                                            help="Milliseconds the publisher waits after a message before it "
+                                                 "frames it, so that messages arriving together share a frame."),
     allow_origin: List[str] = typer.Option([], "--allow-origin",
                                            help="Extra Origin allowed to open the WebSocket (repeatable; the node's own is always allowed)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
@@ -105,9 +114,10 @@ def node(
         config = NodeConfig(
             name=name, data_dir=data_dir, etcd_url=etcd, db_dsn=db, http_port=http_port,
             p2p_port=p2p_port, bootstrap=tuple(bootstrap), secret=read_secret(secret_file),
-            group_commit=group_commit, retention_days=retention_days, rate_limit_per_s=rate_limit,
+            group_commit=group_commit, db_wire=db_wire, retention_days=retention_days, rate_limit_per_s=rate_limit,
             allowed_origins=tuple(allow_origin), max_frames_per_s=max_frames_per_s,
-            min_frames_per_s=min_frames_per_s,
+            min_frames_per_s=min_frames_per_s, busy_messages_per_s=busy_messages_per_s,
+            publish_window_ms=publish_window_ms,
         ).validate()
         run_node(config)
     except SmsError as exc:

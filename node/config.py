@@ -28,7 +28,8 @@ class NodeConfig:
     session_ttl_s: int = 7 * 24 * 3600
     allowed_origins: tuple[str, ...] = ()
     group_commit: bool = True
-    publish_window_ms: float = 2.0
+    db_wire: bool = True  # group-commit batches on a connection driven by the event loop (pgwire.py)
+    publish_window_ms: float = 0.0  # see docs/protocol.md, "Pacing"
     # Frames (bundles) this node publishes per second at most: max at idle, falling to
     # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
     # next frame instead of each costing a frame (node/core/pacing.py).
@@ -58,6 +59,10 @@ class NodeConfig:
             problems.append("--max-frames-per-s must be 0 (no cap) or positive")
         if not 0 < self.min_frames_per_s:
             problems.append("--min-frames-per-s must be positive")
+        if not 0 < self.busy_messages_per_s:
+            problems.append("--busy-messages-per-s must be positive")
+        if not 0 <= self.publish_window_ms <= 1000:
+            problems.append("--publish-window-ms must be between 0 and 1000")
         if self.rate_limit_per_s < 0:
             problems.append("--rate-limit must be 0 (off) or positive")
         if self.session_ttl_s < 60:

@@ -20,6 +20,7 @@ crashes the node with its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections import OrderedDict
@@ -143,6 +144,12 @@ class Metrics:
             "sms_gc_pause_seconds", "How long each garbage collection stopped the node", ["generation"],
             registry=r, buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
         )
+
+
+def _stats_of(history: object) -> dict:
+    """The history adapter's counters (SqlHistory.stats), or nothing for one that keeps none."""
+    stats = getattr(history, "stats", None)
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {}
 
 
 @dataclass
@@ -976,6 +983,7 @@ class Node:
             "health": self.health(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "p2p": vars(self.p2p.stats),
+            "history": _stats_of(self.history),
         }
 
     async def serve_health_probes(self) -> None:
@@ -1016,7 +1024,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     secret = parse_secret(config.secret) if config.secret else None
     key_pair = load_or_create_identity(config.identity_path)
-    async with open_history(config.db_dsn, group_commit=config.group_commit) as history:
+    async with open_history(config.db_dsn, group_commit=config.group_commit, wire=config.db_wire) as history:
         registry = await EtcdRegistry.connect(config.etcd_url)
         try:
             cache = RegistryCache()

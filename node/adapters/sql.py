@@ -1,11 +1,17 @@
-"""SqlHistory: the History port over PostgreSQL / CockroachDB (psycopg 3, sync, in worker threads).
+"""SqlHistory: the History port over PostgreSQL / CockroachDB (psycopg 3, sync, in worker threads;
+the group-commit INSERT on a connection of its own driven by the event loop).
 
 Theory of operation
 -------------------
 psycopg's async API is asyncio-only, so every database call is a plain blocking function run by
 `trio.to_thread.run_sync` under a CapacityLimiter sized like the connection pool: at most
 `pool_size` threads wait on the database, and a slow database backs callers up in trio, not in
-threads.
+threads. The one exception is the hot path: the group-commit batcher sends its INSERT on the wire
+connection (pgwire.py: libpq's non-blocking API, waited on with trio), without a thread hop. Any
+failure there (a lost connection, an error, a conflict with a stored row) sends the batch down the
+threaded path below, which retries, reconnects and translates errors; the wire connection is
+opened again in the background a second later. A write the database does not answer within the
+batch's budget is refused with Unavailable (the threaded path bounds only its waits).
 
 Every unit of work is one SERIALIZABLE transaction run by `_transact`:
 
@@ -94,12 +100,14 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg import IsolationLevel
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..core.model import Message
 from ..core.pacing import CommitPacer
 from ..errors import BadRequest, NotFound, Unavailable
 from ..ports import HistoryPage
+from .pgwire import WireConnection, WireError
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,12 @@ _INSERT_MESSAGES_JSON = (
     "txn_id text, body text, ts bigint, origin text, seq bigint, membership_rev bigint) "
     "ON CONFLICT DO NOTHING RETURNING room_id, message_id"
 )
+# The same, prepared on the batcher's wire connection (pgwire.py: libpq placeholders).
+_WIRE_APPEND = b"sms_append"
+_WIRE_STATEMENTS = {_WIRE_APPEND: _INSERT_MESSAGES_JSON.replace("%s", "$1").encode()}
+# After the wire connection fails (or cannot be opened), appends take the threaded path for this
+# long before it is opened again: an outage costs one connect attempt per second, not per batch.
+WIRE_REOPEN_S = 1.0
 
 
 def _leave_autocommit(conn: psycopg.Connection) -> None:
@@ -323,6 +337,8 @@ class HistoryStats:
     batches: int = 0           # group-commit batches written
     batched_messages: int = 0
     largest_batch: int = 0     # messages
+    wire_batches: int = 0      # batches written on the wire connection (no worker thread)
+    wire_fallbacks: int = 0    # batches the wire connection failed, written by the threaded path
 
 
 @dataclass(eq=False, slots=True)
@@ -354,6 +370,22 @@ def _is_connection_loss(e: psycopg.Error) -> bool:
     )
 
 
+def _first_of_each(msgs: Sequence[Message]) -> list[Message]:
+    """The messages without repeats of a key (id or txn) seen earlier in the list: one statement
+    must not carry the same key twice."""
+    fresh: list[Message] = []
+    seen_ids: set[tuple[str, str]] = set()
+    seen_txns: set[tuple[str, str, str]] = set()
+    for m in msgs:
+        id_key, txn_key = (m.room_id, m.message_id), (m.room_id, m.sender, m.txn_id)
+        if id_key in seen_ids or txn_key in seen_txns:
+            continue
+        seen_ids.add(id_key)
+        seen_txns.add(txn_key)
+        fresh.append(m)
+    return fresh
+
+
 def _row_to_message(row: tuple) -> Message:
     room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev = row
     return Message(
@@ -383,6 +415,7 @@ class SqlHistory:
         retry: RetryPolicy = RetryPolicy(),
         fault_hook: FaultHook | None = None,
         rng: random.Random | None = None,
+        wire: bool = True,
     ) -> None:
         if max_batch < 1 or pool_size < 1:
             raise ValueError("max_batch and pool_size must be >= 1")
@@ -426,6 +459,14 @@ class SqlHistory:
         self._send: trio.MemorySendChannel[_AppendRequest] | None = None
         self._recv: trio.MemoryReceiveChannel[_AppendRequest] | None = None
         self._closed = False
+        # The batcher's own connection, driven from the trio thread (pgwire.py). Not used with a
+        # fault hook (the tests' seam is in the threaded path) or on CockroachDB (its INSERT has
+        # another form, and it has never been measured there).
+        self.wire = wire and fault_hook is None
+        self._wire: WireConnection | None = None
+        self._wire_opening = False
+        self._wire_retry_at = -math.inf
+        self._batch_nursery: trio.Nursery | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -574,6 +615,9 @@ class SqlHistory:
 
     async def _close(self) -> None:
         self._closed = True
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._pool.close)
 
@@ -583,7 +627,18 @@ class SqlHistory:
         fresh copy of the error; a bug (non-SmsError) also crashes this task, loudly."""
         send, recv = trio.open_memory_channel[_AppendRequest](max(64, 4 * self.max_batch))
         self._send, self._recv = send, recv
-        task_status.started()
+        async with trio.open_nursery() as nursery:  # for opening the wire connection
+            self._batch_nursery = nursery
+            self.wire = self.wire and not self.is_cockroach
+            self._want_wire()
+            task_status.started()
+            try:
+                await self._batch_loop(recv)
+            finally:
+                self._batch_nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def _batch_loop(self, recv: trio.MemoryReceiveChannel[_AppendRequest]) -> None:
         pacer = CommitPacer()  # a busy node commits fuller batches (node/core/pacing.py)
         last_start: float | None = None
         async with recv:
@@ -613,15 +668,80 @@ class SqlHistory:
         if self._send is not None:
             self._send.close()
 
+    def _want_wire(self) -> None:
+        """Starts opening the wire connection if there is none, none is being opened and the
+        last failure is WIRE_REOPEN_S old."""
+        if (not self.wire or self._wire is not None or self._wire_opening or self._closed
+                or self._batch_nursery is None or trio.current_time() < self._wire_retry_at):
+            return
+        self._wire_opening = True
+        self._batch_nursery.start_soon(self._open_wire)
+
+    async def _open_wire(self) -> None:
+        try:
+            conninfo = make_conninfo(self._dsn, **{**self._connect_kwargs, "application_name": "sms-history-wire"})
+            wire = await WireConnection.open(conninfo, _WIRE_STATEMENTS)
+        except WireError as e:
+            log.info("database writes take worker threads for now: %s", e.message)
+            self._wire_retry_at = trio.current_time() + WIRE_REOPEN_S
+            return
+        finally:
+            self._wire_opening = False
+        if self._closed or self._batch_nursery is None:
+            wire.close()
+            return
+        self._wire = wire
+
+    def _drop_wire(self, reason: str) -> None:
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
+            log.info("database writes take worker threads for now: %s", reason)
+        self._wire_retry_at = trio.current_time() + WIRE_REOPEN_S
+
+    async def _append_on_wire(self, messages: list[Message], deadline: float) -> list[Message] | None:
+        """Writes one INSERT's worth of messages on the wire connection. Returns None when the
+        threaded path must do the write instead: no wire connection, any failure (the threaded
+        path retries, reconnects and names the error), or a conflict (a resent message: the
+        threaded path reads the stored row). Raises Unavailable if the database does not answer
+        within the batch's budget."""
+        self._want_wire()
+        wire = self._wire
+        if wire is None or len(messages) > _CHUNK:
+            return None
+        fresh = _first_of_each(messages)
+        # Only the waits of the threaded path are bounded by the budget; here the whole write
+        # is, with at least a second for it (a timed-out write may still commit: idempotent).
+        with trio.move_on_at(max(deadline, trio.current_time() + 1.0)) as scope:
+            try:
+                rows = await wire.execute_prepared(_WIRE_APPEND, [orjson.dumps(fresh)])
+            except WireError as e:
+                self.stats.wire_fallbacks += 1
+                if e.broken:
+                    self._drop_wire(e.message)
+                return None
+        if scope.cancelled_caught:
+            self._drop_wire("no answer in time")
+            raise Unavailable(f"database unreachable: no answer to a write within {self.pool_timeout:.1f} s")
+        inserted = {(r[0].decode(), r[1].decode()) for r in rows if r[0] is not None and r[1] is not None}
+        if any((m.room_id, m.message_id) not in inserted for m in messages):
+            return None
+        self.stats.transactions += 1
+        self.stats.wire_batches += 1
+        written = {(m.room_id, m.message_id): m for m in fresh}
+        return [written[(m.room_id, m.message_id)] for m in messages]
+
     async def _flush(self, batch: list[_AppendRequest]) -> None:
         messages = [m for req in batch for m in req.messages]
         deadline = min(req.deadline for req in batch)  # the oldest request's budget
         try:
-            # A batch that fits one INSERT is written by that statement alone (autocommit): it is
-            # atomic by itself, and the read of conflicting rows after it needs no transaction
-            # (a stored message is what any later read returns too).
-            stored = await self._run("append", lambda conn: self._write_messages(conn, messages), deadline=deadline,
-                                     single_statement=len(messages) <= _CHUNK)
+            stored = await self._append_on_wire(messages, deadline) if self.wire else None
+            if stored is None:
+                # A batch that fits one INSERT is written by that statement alone (autocommit):
+                # it is atomic by itself, and the read of conflicting rows after it needs no
+                # transaction (a stored message is what any later read returns too).
+                stored = await self._run("append", lambda conn: self._write_messages(conn, messages),
+                                         deadline=deadline, single_statement=len(messages) <= _CHUNK)
         except (Unavailable, BadRequest) as e:
             for req in batch:
                 req.error = type(e)(e.message)  # a fresh exception per caller: tracebacks differ
@@ -667,18 +787,7 @@ class SqlHistory:
 
     def _write_messages(self, conn: psycopg.Connection, msgs: list[Message]) -> list[Message]:
         """Insert what is new; return, per input, the canonical stored message."""
-        # Dedupe first: one statement must not carry the same key twice.
-        fresh: list[Message] = []
-        seen_ids: set[tuple[str, str]] = set()
-        seen_txns: set[tuple[str, str, str]] = set()
-        for m in msgs:
-            id_key, txn_key = (m.room_id, m.message_id), (m.room_id, m.sender, m.txn_id)
-            if id_key in seen_ids or txn_key in seen_txns:
-                continue
-            seen_ids.add(id_key)
-            seen_txns.add(txn_key)
-            fresh.append(m)
-
+        fresh = _first_of_each(msgs)
         inserted: set[tuple[str, str]] = set()
         with conn.cursor() as cur:
             for chunk in _chunks(fresh, _CHUNK):
@@ -978,6 +1087,7 @@ async def open_history(
     retry: RetryPolicy = RetryPolicy(),
     fault_hook: FaultHook | None = None,
     rng: random.Random | None = None,
+    wire: bool = True,
 ) -> AsyncIterator[SqlHistory]:
     """Opens the history: applies the schema migrations (raises Unavailable if the database cannot
     be reached now), starts the connection pool and, with group_commit, the batcher in an internal
@@ -985,7 +1095,7 @@ async def open_history(
     history = SqlHistory(
         dsn, group_commit=group_commit, max_batch=max_batch, pool_size=pool_size,
         pool_timeout=pool_timeout, connect_timeout=connect_timeout,
-        reconnect_timeout=reconnect_timeout, retry=retry, fault_hook=fault_hook, rng=rng,
+        reconnect_timeout=reconnect_timeout, retry=retry, fault_hook=fault_hook, rng=rng, wire=wire,
     )
     await history._open()
     try:

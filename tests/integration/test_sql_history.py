@@ -217,6 +217,120 @@ async def test_contended_read_markers_converge_to_the_maximum(history):
     assert await history.read_markers("alice") == {ROOM: ("m040", 40)}
 
 
+# -- the wire connection (pgwire.py: the batcher's INSERT without a worker thread) -----------------
+
+
+async def _until_on_wire(h, start: int = 0) -> int:
+    """Appends lone messages until one is written on the wire connection (it opens in the
+    background); returns how many were appended."""
+    i = start
+    with trio.fail_after(20):
+        while h.stats.wire_batches == 0:
+            await h.append([msg(f"warm-{i}", 1 + i)])
+            i += 1
+            await trio.sleep(0.01)
+    return i - start
+
+
+def _wire_backends(dsn: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'sms-history-wire'")]
+
+
+async def test_batches_are_written_on_the_wire_connection(pg_dsn):
+    async with open_history(pg_dsn) as h:
+        _truncate(pg_dsn)
+        warm = await _until_on_wire(h)
+        before = h.stats.wire_batches
+        ms = [msg(f"t{i}", 100 + i) for i in range(20)]
+        for m in ms:
+            assert await h.append([m]) == [m]
+        assert h.stats.wire_batches == before + 20
+        assert h.stats.wire_fallbacks == 0
+        assert len(_wire_backends(pg_dsn)) == 1
+        assert _count(pg_dsn) == warm + 20
+        assert (await h.page(ROOM, limit=10)).messages == order(ms)[-10:]
+    assert _wire_backends(pg_dsn) == []  # closed with the history
+
+
+async def test_a_resend_on_the_wire_gets_the_stored_message(pg_dsn):
+    async with open_history(pg_dsn) as h:
+        _truncate(pg_dsn)
+        await _until_on_wire(h)
+        first = msg("txn-1", 500)
+        assert await h.append([first]) == [first]
+        again = msg("txn-1", 501, body="the same send, retried")
+        batches = h.stats.wire_batches
+        assert await h.append([again]) == [first]
+        assert h.stats.wire_batches == batches  # the threaded path read the stored row
+        assert _count(pg_dsn, "txn_id = %s", ("txn-1",)) == 1
+
+
+async def test_a_wire_connection_the_server_kills_loses_nothing_and_is_opened_again(pg_dsn, monkeypatch):
+    import sms.node.adapters.sql as sql
+
+    monkeypatch.setattr(sql, "WIRE_REOPEN_S", 0.2)
+    async with open_history(pg_dsn) as h:
+        _truncate(pg_dsn)
+        warm = await _until_on_wire(h)
+        (pid,) = _wire_backends(pg_dsn)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        m = msg("after-kill", 1000)
+        assert await h.append([m]) == [m]  # written by the threaded path
+        assert h.stats.wire_fallbacks == 1
+        batches = h.stats.wire_batches
+        await trio.sleep(0.5)
+        more = await _until_on_wire_again(h, batches)
+        assert _wire_backends(pg_dsn) not in ([], [pid])
+        assert _count(pg_dsn) == warm + 1 + more
+
+
+async def _until_on_wire_again(h, batches: int) -> int:
+    i = 0
+    with trio.fail_after(20):
+        while h.stats.wire_batches == batches:
+            await h.append([msg(f"again-{i}", 2000 + i)])
+            i += 1
+            await trio.sleep(0.05)
+    return i
+
+
+async def test_a_write_the_database_does_not_answer_is_refused_within_the_budget(pg_dsn):
+    async with open_history(pg_dsn, pool_timeout=1.0) as h:
+        _truncate(pg_dsn)
+        await _until_on_wire(h)
+        m = msg("locked", 3000)
+        blocker = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_dsn))
+        try:
+            # An uncommitted insert of the same key: ours waits on it inside the server.
+            await trio.to_thread.run_sync(lambda: blocker.execute(
+                "INSERT INTO messages (room_id, message_id, sender, txn_id, body, ts, origin, seq, membership_rev) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (m.room_id, m.message_id, m.sender, m.txn_id, m.body, m.ts, m.origin, m.seq, m.membership_rev)))
+            with trio.fail_after(15):
+                with pytest.raises(Unavailable, match="no answer to a write within 1.0 s"):
+                    await h.append([m])
+        finally:
+            await trio.to_thread.run_sync(blocker.rollback)
+            await trio.to_thread.run_sync(blocker.close)
+        # The refused send is sent again (as a client does) and stored once, whether or not the
+        # abandoned statement committed after the blocker let go.
+        assert await h.append([m]) == [m]
+        assert _count(pg_dsn, "txn_id = %s", ("locked",)) == 1
+
+
+async def test_without_the_wire_every_batch_takes_a_worker_thread(pg_dsn):
+    async with open_history(pg_dsn, wire=False) as h:
+        _truncate(pg_dsn)
+        for i in range(5):
+            await h.append([msg(f"t{i}", i + 1)])
+            await trio.sleep(0.05)
+        assert h.stats.batches == 5 and h.stats.wire_batches == 0
+        assert _wire_backends(pg_dsn) == []
+
+
 # -- outages --------------------------------------------------------------------------------------
 
 
