@@ -88,7 +88,7 @@ def node(
     min_frames_per_s: float = typer.Option(50.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
                                            help="The cap once this node handles --busy-messages-per-s or more; in "
                                                 "between it falls linearly from --max-frames-per-s."),
-    busy_messages_per_s: float = typer.Option(100.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,
+    busy_messages_per_s: float = typer.Option(300.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,
                                               help="Messages per second through this node at which the frame cap "
                                                    "reaches --min-frames-per-s."),
     publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
