@@ -682,7 +682,8 @@ class SqlHistory:
             conninfo = make_conninfo(self._dsn, **{**self._connect_kwargs, "application_name": "sms-history-wire"})
             wire = await WireConnection.open(conninfo, _WIRE_STATEMENTS)
         except WireError as e:
-            log.info("database writes take worker threads for now: %s", e.message)
+            # Said once when the connection is lost (_drop_wire), not at every attempt of an outage.
+            log.debug("the wire connection did not open: %s", e.message)
             self._wire_retry_at = trio.current_time() + WIRE_REOPEN_S
             return
         finally:
@@ -690,6 +691,8 @@ class SqlHistory:
         if self._closed or self._batch_nursery is None:
             wire.close()
             return
+        if self.stats.wire_fallbacks:
+            log.info("database writes are back on the wire connection")
         self._wire = wire
 
     def _drop_wire(self, reason: str) -> None:

@@ -1,0 +1,42 @@
+"""NodeConfig.validate: a bad setting is named in one clear error, and the defaults pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sms.node.config import NodeConfig
+from sms.node.errors import BadRequest
+
+
+def config(**changes) -> NodeConfig:
+    base = dict(name="node-0", data_dir=Path("/tmp/sms-test"), etcd_url="http://127.0.0.1:2379",
+                db_dsn="postgresql://postgres@127.0.0.1:5432/sms")
+    return NodeConfig(**{**base, **changes})
+
+
+def test_the_defaults_are_valid():
+    c = config().validate()
+    assert c.publish_window_ms == 0.0 and c.busy_messages_per_s == 300.0 and c.db_wire is True
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(publish_window_ms=-1.0), "--publish-window-ms"),
+    (dict(publish_window_ms=5000.0), "--publish-window-ms"),
+    (dict(busy_messages_per_s=0.0), "--busy-messages-per-s"),
+    (dict(min_frames_per_s=0.0), "--min-frames-per-s"),
+    (dict(max_frames_per_s=-1.0), "--max-frames-per-s"),
+    (dict(http_port=70000), "--http-port"),
+    (dict(db_dsn="mysql://x"), "--db"),
+])
+def test_a_bad_setting_is_named(changes, named):
+    with pytest.raises(BadRequest, match="invalid node configuration") as err:
+        config(**changes).validate()
+    assert named in err.value.message
+
+
+def test_every_bad_setting_is_named_at_once():
+    with pytest.raises(BadRequest) as err:
+        config(publish_window_ms=-1.0, busy_messages_per_s=-2.0).validate()
+    assert "--publish-window-ms" in err.value.message and "--busy-messages-per-s" in err.value.message
