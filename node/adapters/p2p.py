@@ -58,6 +58,7 @@ log = logging.getLogger("sms.p2p")
 # Measured since (py-libp2p 0.8.1, a direct stream of 1 KB records): a read that leaves the window
 # short by less than half still sends an update (auto-tuning's "partial slack" branch), so each
 # record is still answered by one WINDOW_UPDATE; the setting only stops the updates of other cases.
+# Direct streams therefore grant their credit themselves (_credit_in_batches).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
@@ -770,12 +771,11 @@ class P2PNode:
             # then the peer's frames go over GossipSub, which waits for our subscriptions too.
             await self._started.wait()
             await stream.write(_DIRECT_ACCEPT)
+            _credit_in_batches(stream)
+            records = _RecordReader(stream)
             while True:
-                head = await _read_exact(stream, 4)
-                size = int.from_bytes(head, "big")
-                if not 2 <= size <= MAX_DIRECT_FRAME_BYTES:
-                    raise PeerError(f"direct frame of {size} bytes is out of bounds")
-                record = await _read_exact(stream, size)
+                record = await records.next(MAX_DIRECT_FRAME_BYTES)
+                size = len(record)
                 room_len = int.from_bytes(record[:2], "big")
                 if 2 + room_len > size:
                     raise PeerError("direct frame's room id runs past its end")
@@ -819,6 +819,67 @@ class P2PNode:
 
 class _StreamEnded(PeerError):
     """The stream closed before the bytes asked for came."""
+
+
+# A direct stream's receiver grants the sender more window only once it has read this much: half
+# of yamux's initial window, go-yamux's rule. py-libp2p 0.8.1 answers every read that leaves the
+# window short with a WINDOW_UPDATE (its auto-tuning's "partial slack" branch), so each frame
+# pushed cost a second yamux frame back: encrypted, sent and parsed, at both ends.
+_CREDIT_BATCH_BYTES = 128 * 1024
+_DIRECT_READ_BYTES = 1 << 20  # at most this much taken from the stream's buffer per read
+
+
+def _credit_in_batches(stream) -> None:
+    """Makes a yamux stream's reads return window credit in batches of _CREDIT_BATCH_BYTES (other
+    muxers are left alone). Only for direct streams, whose data flows one way: the sender never
+    waits, its window being twice the batch."""
+    muxed = getattr(stream, "muxed_stream", None)
+    if muxed is None or not all(hasattr(muxed, a) for a in
+                                ("_auto_tune_and_send_window_update", "_pending_recv_release",
+                                 "recv_window", "window_lock", "send_window_update")):
+        return
+
+    async def credit(*, bytes_read: int = 0) -> None:
+        async with muxed.window_lock:
+            muxed._pending_recv_release += bytes_read
+            if muxed._pending_recv_release < _CREDIT_BATCH_BYTES:
+                return
+            grant, muxed._pending_recv_release = muxed._pending_recv_release, 0
+            muxed.recv_window += grant
+        await muxed.send_window_update(grant)
+
+    muxed._auto_tune_and_send_window_update = credit
+
+
+class _RecordReader:
+    """Length-prefixed records (4-byte big-endian size, then the record) from a stream, taking
+    whatever the stream holds in one read rather than two reads a record."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._at = 0
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) - self._at < n:
+            chunk = await self._stream.read(_DIRECT_READ_BYTES)
+            if not chunk:
+                raise _StreamEnded("stream ended early")
+            if self._at:
+                del self._buf[:self._at]
+                self._at = 0
+            self._buf += chunk
+
+    async def next(self, max_bytes: int) -> bytes:
+        """The next record (at least 2 bytes, at most max_bytes: PeerError otherwise)."""
+        await self._fill(4)
+        size = int.from_bytes(self._buf[self._at:self._at + 4], "big")
+        if not 2 <= size <= max_bytes:
+            raise PeerError(f"direct frame of {size} bytes is out of bounds")
+        await self._fill(4 + size)
+        start = self._at + 4
+        self._at = start + size
+        return bytes(self._buf[start:self._at])
 
 
 async def _read_exact(stream, n: int) -> bytes:

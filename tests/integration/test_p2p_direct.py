@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux import yamux
 
 from sms.node.adapters import p2p
 from sms.node.errors import PeerError
@@ -100,6 +101,38 @@ async def test_frames_go_on_direct_streams_and_each_peer_gets_each_once():
         assert peer.node.stats.direct_frames_in == 50 and peer.node.stats.duplicate_frames == 0
     assert alice.node.stats.direct_frames_out == 50 and alice.node.stats.direct_fallbacks == 0
     assert alice.node.stats.frames_published == 50
+
+
+async def test_a_direct_stream_grants_window_credit_in_batches_and_carries_frames_over_the_window(monkeypatch):
+    # py-libp2p's yamux answers each read with a WINDOW_UPDATE; the receiver of a direct stream
+    # grants credit only every p2p._CREDIT_BATCH_BYTES instead (a frame bigger than the whole
+    # window must still get through).
+    grants: list[int] = []
+    credit_in_batches = p2p._credit_in_batches
+
+    def counting_grants(stream) -> None:  # the receiver's end of each direct stream
+        credit_in_batches(stream)
+        muxed = stream.muxed_stream
+        send_window_update = muxed.send_window_update
+
+        async def counted(increment: int, skip_lock: bool = False) -> None:
+            grants.append(increment)
+            await send_window_update(increment, skip_lock)
+
+        muxed.send_window_update = counted
+
+    monkeypatch.setattr(p2p, "_credit_in_batches", counting_grants)
+    alice, bob = Peer(), Peer()
+    async with mesh(alice, bob):
+        sent = [b"frame %d " % i + b"x" * 1000 for i in range(400)]
+        sent.insert(200, b"big " + bytes(range(256)) * (3 * yamux.DEFAULT_WINDOW_SIZE // 256))
+        for data in sent:
+            await alice.node.publish(ROOM, data)
+        await wait_for(lambda: len(bob.got) == len(sent), what="every frame")
+    assert bob.frames() == sent
+    read = sum(len(d) + 6 + len(ROOM) for d in sent)  # each record: size, room id, frame
+    assert read - p2p._CREDIT_BATCH_BYTES < sum(grants) <= read  # all but the last batch granted
+    assert len(grants) <= read // p2p._CREDIT_BATCH_BYTES, grants  # not one per read
 
 
 async def test_a_peer_without_direct_streams_gets_the_frames_over_gossipsub():
