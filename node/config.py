@@ -34,7 +34,7 @@ class NodeConfig:
     # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
     # next frame instead of each costing a frame (node/core/pacing.py).
     max_frames_per_s: float = 200.0
-    min_frames_per_s: float = 50.0
+    min_frames_per_s: float = 100.0
     busy_messages_per_s: float = 300.0
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off

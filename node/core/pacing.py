@@ -12,7 +12,10 @@ direct streams (a third of GossipSub's cost), 200 frames/s at idle falling to 50
 per node gave p99 32 ms at 400 sends/s and 51 ms at 2,400, where 100 falling to 20 gave 59 and
 72 ms, and 300 to 60 spent the CPU the messages needed. Once database writes left the worker
 threads (their tail had hidden the gain), reaching the floor only at 300 messages/s per node took
-400 sends/s from p99 25-28 ms to 9-13 ms, with 1,200 and 3,200 sends/s unchanged.
+400 sends/s from p99 25-28 ms to 9-13 ms, with 1,200 and 3,200 sends/s unchanged. Once direct
+streams stopped answering every frame with a window update (a frame's CPU fell by ~40%), a floor
+of 100 instead of 50 took p99 at 800 sends/s from 19-21 ms to 15.5-16 ms and at 1,600 from 35-36
+to 25-30 ms (3 runs each; 400 unchanged, 3,200 within its run-to-run spread of 39-61 ms).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class FramePacer:
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
     max_rate: float = 200.0              # frames per second at idle; 0 or less: no cap at all
-    min_rate: float = 50.0               # frames per second at or beyond busy_messages_per_s
+    min_rate: float = 100.0              # frames per second at or beyond busy_messages_per_s
     busy_messages_per_s: float = 300.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
