@@ -91,6 +91,10 @@ def node(
     busy_messages_per_s: float = typer.Option(300.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,
                                               help="Messages per second through this node at which the frame cap "
                                                    "reaches --min-frames-per-s."),
+    direct_max_peers: int = typer.Option(16, envvar="SMS_DIRECT_MAX_PEERS", min=0,
+                                         help="Push frames to each peer on a stream of its own while the cluster has "
+                                              "at most this many other nodes; beyond, or with 0, frames go over "
+                                              "GossipSub only (more CPU per frame, forwarded hop by hop)."),
     publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
                                             help="Milliseconds the publisher waits after a message before it "
                                                  "frames it, so that messages arriving together share a frame."),
@@ -117,7 +121,7 @@ def node(
             group_commit=group_commit, db_wire=db_wire, retention_days=retention_days, rate_limit_per_s=rate_limit,
             allowed_origins=tuple(allow_origin), max_frames_per_s=max_frames_per_s,
             min_frames_per_s=min_frames_per_s, busy_messages_per_s=busy_messages_per_s,
-            publish_window_ms=publish_window_ms,
+            publish_window_ms=publish_window_ms, direct_max_peers=direct_max_peers,
         ).validate()
         run_node(config)
     except SmsError as exc:

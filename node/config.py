@@ -36,6 +36,9 @@ class NodeConfig:
     max_frames_per_s: float = 200.0
     min_frames_per_s: float = 100.0
     busy_messages_per_s: float = 300.0
+    # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
+    # 0 turns direct push off (docs/protocol.md, "Direct push").
+    direct_max_peers: int = 16  # p2p.DIRECT_MAX_PEERS (not imported here: it would load libp2p)
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 
@@ -61,6 +64,8 @@ class NodeConfig:
             problems.append("--min-frames-per-s must be positive")
         if not 0 < self.busy_messages_per_s:
             problems.append("--busy-messages-per-s must be positive")
+        if self.direct_max_peers < 0:
+            problems.append("--direct-max-peers must be 0 (never push directly) or positive")
         if not 0 <= self.publish_window_ms <= 1000:
             problems.append("--publish-window-ms must be between 0 and 1000")
         if self.rate_limit_per_s < 0:

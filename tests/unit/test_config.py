@@ -27,6 +27,7 @@ def test_the_defaults_are_valid():
     (dict(busy_messages_per_s=0.0), "--busy-messages-per-s"),
     (dict(min_frames_per_s=0.0), "--min-frames-per-s"),
     (dict(max_frames_per_s=-1.0), "--max-frames-per-s"),
+    (dict(direct_max_peers=-1), "--direct-max-peers"),
     (dict(http_port=70000), "--http-port"),
     (dict(db_dsn="mysql://x"), "--db"),
 ])
@@ -40,3 +41,10 @@ def test_every_bad_setting_is_named_at_once():
     with pytest.raises(BadRequest) as err:
         config(publish_window_ms=-1.0, busy_messages_per_s=-2.0).validate()
     assert "--publish-window-ms" in err.value.message and "--busy-messages-per-s" in err.value.message
+
+
+def test_direct_push_is_on_by_default_for_clusters_up_to_the_adapters_limit():
+    from sms.node.adapters.p2p import DIRECT_MAX_PEERS
+
+    assert config().validate().direct_max_peers == DIRECT_MAX_PEERS
+    assert config(direct_max_peers=0).validate().direct_max_peers == 0  # off: GossipSub only
