@@ -85,7 +85,7 @@ def node(
                                            help="Cap on the frames this node publishes per second while it is "
                                                 "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
                                                 "frame and share it: lower saves CPU per message, higher adds less latency."),
-    min_frames_per_s: float = typer.Option(100.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
+    min_frames_per_s: float = typer.Option(150.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
                                            help="The cap once this node handles --busy-messages-per-s or more; in "
                                                 "between it falls linearly from --max-frames-per-s."),
     busy_messages_per_s: float = typer.Option(300.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,

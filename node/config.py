@@ -34,7 +34,7 @@ class NodeConfig:
     # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
     # next frame instead of each costing a frame (node/core/pacing.py).
     max_frames_per_s: float = 200.0
-    min_frames_per_s: float = 100.0
+    min_frames_per_s: float = 150.0
     busy_messages_per_s: float = 300.0
     # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
     # 0 turns direct push off (docs/protocol.md, "Direct push").

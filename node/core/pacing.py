@@ -15,7 +15,13 @@ threads (their tail had hidden the gain), reaching the floor only at 300 message
 400 sends/s from p99 25-28 ms to 9-13 ms, with 1,200 and 3,200 sends/s unchanged. Once direct
 streams stopped answering every frame with a window update (a frame's CPU fell by ~40%), a floor
 of 100 instead of 50 took p99 at 800 sends/s from 19-21 ms to 15.5-16 ms and at 1,600 from 35-36
-to 25-30 ms (3 runs each; 400 unchanged, 3,200 within its run-to-run spread of 39-61 ms).
+to 25-30 ms (3 runs each; 400 unchanged, 3,200 within its run-to-run spread of 39-61 ms). A busy
+node's messages wait for two clocks in turn, the commit pacer's and then this one; with a floor
+(150) above the commit rate (at most 125 commits/s once the commit gap is full, reached at 300
+messages/s per node instead of 600), each commit's messages leave in a frame at once, and a
+remote recipient waits for the commit alone: at 1,600 sends/s the remote p50 fell from 7 ms above
+the sender's node's to 2 ms above it, and p99 (median of 3 runs at 400/800/1,600/3,200 sends/s)
+went from 6.3/16.6/29.1/59.1 ms to 5.7/16.5/24.6/39.7 ms.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ class FramePacer:
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
     max_rate: float = 200.0              # frames per second at idle; 0 or less: no cap at all
-    min_rate: float = 100.0              # frames per second at or beyond busy_messages_per_s
+    # Frames per second at or beyond busy_messages_per_s: above CommitPacer's highest commit rate
+    # (1/max_gap_s = 125/s), so that a busy node's every commit leaves in a frame at once.
+    min_rate: float = 150.0
     busy_messages_per_s: float = 300.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
@@ -117,11 +125,14 @@ class CommitPacer:
     size, and a busy node that commits as fast as it can commits many small batches; measured at
     2,400 sends/s on 3 nodes (docs/benchmarks.md), an 8 ms gap took PostgreSQL from 23% to 19% of
     a core and the nodes from 48% to 45%, and p99 from 110-115 to 94-100 ms. Below the quiet
-    rate the gap would only add latency (8 ms on a lone send), so there is none."""
+    rate the gap would only add latency (8 ms on a lone send), so there is none. The rates were
+    300 and 600 until the frame pacer was made to frame every commit at once (FramePacer.min_rate):
+    fewer commits are then also fewer frames, and 150/300 kept the p99s at 400-800 sends/s while
+    cutting them at 1,600-3,200 (the module docstring)."""
 
     max_gap_s: float = 0.008
-    quiet_messages_per_s: float = 300.0
-    busy_messages_per_s: float = 600.0
+    quiet_messages_per_s: float = 150.0
+    busy_messages_per_s: float = 300.0  # FramePacer's too: frames are at their floor from here
     window_s: float = 1.0
     _load: DecayingRate | None = field(default=None, repr=False)
 

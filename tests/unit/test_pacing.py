@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -190,3 +192,16 @@ def test_the_decaying_rate_estimates_a_steady_rate() -> None:
         rate.note(1, t)
     assert rate.at(t) == pytest.approx(200, rel=0.05)
     assert rate.at(t + 1.0) == pytest.approx(200 / math.e, rel=0.05)
+
+
+def test_by_default_a_busy_node_frames_each_commit_at_once() -> None:
+    # Once the frame pacer is at its floor its rate exceeds the commit pacer's highest commit
+    # rate, and the commit gap is full by then: a commit's messages never wait for a frame token.
+    from sms.node.config import NodeConfig
+
+    frames, commits = FramePacer(), CommitPacer()
+    assert frames.min_rate > 1 / commits.max_gap_s
+    assert commits.busy_messages_per_s <= frames.busy_messages_per_s
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    assert (defaults["min_frames_per_s"], defaults["max_frames_per_s"], defaults["busy_messages_per_s"]) == (
+        frames.min_rate, frames.max_rate, frames.busy_messages_per_s)
