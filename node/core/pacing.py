@@ -13,7 +13,7 @@ per node gave p99 32 ms at 400 sends/s and 51 ms at 2,400, where 100 falling to 
 72 ms, and 300 to 60 spent the CPU the messages needed. Once database writes left the worker
 threads (their tail had hidden the gain), reaching the floor only at 300 messages/s per node took
 400 sends/s from p99 25-28 ms to 9-13 ms, with 1,200 and 3,200 sends/s unchanged. Once direct
-streams stopped answering every frame with a window update (a frame's CPU fell by ~40%), a floor
+streams stopped answering every frame with a window update (a frame's CPU fell by ~35%), a floor
 of 100 instead of 50 took p99 at 800 sends/s from 19-21 ms to 15.5-16 ms and at 1,600 from 35-36
 to 25-30 ms (3 runs each; 400 unchanged, 3,200 within its run-to-run spread of 39-61 ms). A busy
 node's messages wait for two clocks in turn, the commit pacer's and then this one; with a floor
@@ -64,7 +64,9 @@ class FramePacer:
 
     max_rate: float = 200.0              # frames per second at idle; 0 or less: no cap at all
     # Frames per second at or beyond busy_messages_per_s: above CommitPacer's highest commit rate
-    # (1/max_gap_s = 125/s), so that a busy node's every commit leaves in a frame at once.
+    # (1/max_gap_s = 125/s), so that a busy node's every commit leaves in a frame at once. (In a
+    # cluster of more than REFERENCE_NODES the share below scales it under that: there a commit's
+    # messages may wait for a frame again, the price of a cluster-wide frame budget.)
     min_rate: float = 150.0
     busy_messages_per_s: float = 300.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
