@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
         send_via: str = common["send_via"],
         out: Path = typer.Option(RESULTS, help="Where result JSON and PNGs go."),
-        work_dir: Optional[Path] = typer.Option(None, help="Scratch dir for clusters (default: a new temp dir)."),
+        work_dir: Optional[Path] = typer.Option(None, help="Scratch dir for clusters, kept (default: a new temp dir, "
+                                                           "removed after a run that ends well)."),
     ) -> None:
         """Raise the offered rate until p99 > 100 ms or loss appears, for sms and the baselines."""
         from .schedule import Workload
@@ -180,7 +181,7 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     import trio
 
     from .results import result_doc, write_result
-    from .runner import gossip_system, nats_system, sms_system, with_cluster, work_dir_for, workload_config
+    from .runner import gossip_system, nats_system, scratch_dir, sms_system, with_cluster, workload_config
     from .sms_client import SEND_VIA
 
     if send_via not in SEND_VIA:
@@ -190,21 +191,21 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     bad = [b for b in wanted if b not in BASELINES]
     if bad:
         raise typer.BadParameter(f"unknown baseline(s) {bad}; use {', '.join(BASELINES)}")
-    wd = work_dir_for(work_dir)
     stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     systems: dict = {}
     notes: list[str] = []
     t0 = time.monotonic()
-    with with_cluster(cluster_file, nodes, wd, _say) as cluster:
-        prof = {"rate": None, "dir": out / f"{stem}-profiles"} if profile else None
-        systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof, send_via)
-        n_nodes = len(cluster["nodes"])
-    if "nats" in wanted:
-        systems["nats"] = nats_system(w, policy, rates, _say, wd)
-    if "nats-fsync" in wanted:
-        systems["nats-fsync"] = nats_system(w, policy, rates, _say, wd, fsync=True)
-    if "gossipsub" in wanted:
-        systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
+    with scratch_dir(work_dir, _say) as wd:
+        with with_cluster(cluster_file, nodes, wd, _say) as cluster:
+            prof = {"rate": None, "dir": out / f"{stem}-profiles"} if profile else None
+            systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof, send_via)
+            n_nodes = len(cluster["nodes"])
+        if "nats" in wanted:
+            systems["nats"] = nats_system(w, policy, rates, _say, wd)
+        if "nats-fsync" in wanted:
+            systems["nats-fsync"] = nats_system(w, policy, rates, _say, wd, fsync=True)
+        if "gossipsub" in wanted:
+            systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
     from . import runner
 
     config = workload_config(w, policy, rates, nodes=n_nodes, baselines=wanted,

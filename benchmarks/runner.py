@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import anyio
 import trio
@@ -364,12 +365,24 @@ def with_cluster(cluster_file: Path | None, nodes: int, work_dir: Path, say: Say
     return local_cluster(nodes, work_dir, say)
 
 
-def work_dir_for(base: Path | None) -> Path:
+@contextmanager
+def scratch_dir(base: Path | None, say: Say) -> Iterator[Path]:
+    """Where a run keeps its clusters' data: `base` if given (kept), else a new temporary
+    directory, removed when the run ends well (a sweep leaves 0.5-1.5 GB of database, etcd and
+    NATS data: 363 runs had filled the disk) and kept, with its path said, when it fails (the
+    clusters' logs are in it)."""
     raise_fd_limit()
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
-        return base
-    return Path(tempfile.mkdtemp(prefix="sms-bench-"))
+        yield base
+        return
+    path = Path(tempfile.mkdtemp(prefix="sms-bench-"))
+    try:
+        yield path
+    except BaseException:
+        say(f"kept {path} (the clusters' data and logs); remove it when done")
+        raise
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def workload_config(workload: Workload, policy: SweepPolicy, rates: list[float] | None, **more) -> dict:

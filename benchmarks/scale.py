@@ -19,7 +19,7 @@ import trio
 
 from .resources import Group, ResourceMonitor, _sample, cluster_groups, shield
 from .results import result_doc, write_result
-from .runner import point_line, point_record, quiet, sms_system, with_cluster, work_dir_for, workload_config
+from .runner import point_line, point_record, quiet, scratch_dir, sms_system, with_cluster, workload_config
 from .schedule import Workload, client_plan
 from .sweep import SweepPolicy
 
@@ -140,10 +140,9 @@ def conn_scale(cluster_file, nodes, connections, users, rooms, chatting, rate, d
     senders = max(1, round(connections * chatting))
     w = Workload(clients=connections, senders=senders, rooms=rooms, rate=rate, duration_s=duration,
                  warmup_s=warmup, drain_s=5.0, max_in_flight=512).validate()
-    wd = work_dir_for(work_dir)
     stem = f"conn-scale-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.monotonic()
-    with with_cluster(cluster_file, nodes, wd, say) as cluster:
+    with scratch_dir(work_dir, say) as wd, with_cluster(cluster_file, nodes, wd, say) as cluster:
         system = trio.run(_conn_scale, cluster, w, users, say)
         n = len(cluster["nodes"])
     cfg = workload_config(w, SweepPolicy(start_rate=rate, max_rate=rate), [rate], nodes=n, users=users,
@@ -161,18 +160,18 @@ def node_scale(counts: list[int], rate: float, clients: int, senders: int, rooms
     w = Workload(clients=clients, senders=senders, rooms=rooms, rate=rate, duration_s=duration, warmup_s=warmup,
                  drain_s=5.0, max_in_flight=512).validate()
     policy = SweepPolicy(start_rate=rate, max_rate=rate)
-    wd = work_dir_for(work_dir)
     stem = f"node-scale-{time.strftime('%Y%m%d-%H%M%S')}"
     points = []
     t0 = time.monotonic()
-    for n in counts:
-        with with_cluster(None, n, wd, say) as cluster:
-            res = trio.run(sms_system, cluster, w, policy, [rate], say, None, None)
-        p = res["points"][0]
-        p["nodes"] = n
-        node_cpu = sum(v["cpu_s"] for v in p["resources"].values() if v.get("role") == "node")
-        p["node_cpu_ms_per_delivery"] = round(1000 * node_cpu / p["delivered"], 4) if p["delivered"] else None
-        points.append(p)
+    with scratch_dir(work_dir, say) as wd:
+        for n in counts:
+            with with_cluster(None, n, wd, say) as cluster:
+                res = trio.run(sms_system, cluster, w, policy, [rate], say, None, None)
+            p = res["points"][0]
+            p["nodes"] = n
+            node_cpu = sum(v["cpu_s"] for v in p["resources"].values() if v.get("role") == "node")
+            p["node_cpu_ms_per_delivery"] = round(1000 * node_cpu / p["delivered"], 4) if p["delivered"] else None
+            points.append(p)
     cfg = workload_config(w, policy, [rate], node_counts=counts, wall_s=round(time.monotonic() - t0, 1))
     doc = result_doc("node-scale", cfg, {"sms": {"points": points}})
     path = write_result(doc, out, stem)
