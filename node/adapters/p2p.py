@@ -48,6 +48,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import BadRequest, PeerError
+from .sendnow import install_for_libp2p
 
 log = logging.getLogger("sms.p2p")
 
@@ -75,6 +76,8 @@ def _read_yamux_settings_once() -> None:
 
 
 _read_yamux_settings_once()
+# Every libp2p frame this node sends ends in a TCP write; sent at once when the kernel takes it.
+install_for_libp2p()
 
 # py-libp2p attaches this host's signed peer record to every pubsub RPC it sends, rebuilding the
 # host's address list to check the record is current (multiaddr parsing: ~8% of a node's CPU at

@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl
 import trio
 from starlette.websockets import WebSocketDisconnect
 
+from .sendnow import raw_socket, send_now
 from .wscodec import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
@@ -160,6 +161,7 @@ class EventsSocket:
         self._pending = leftover
         self._queue: deque[dict] = deque()
         self._lock = trio.Lock()
+        self._raw = raw_socket(stream)  # None: every write goes through trio (sendnow.py)
         self.accepted = False
         self.close_sent = False
         self.disconnected = False   # the client's close frame was read, or the connection is gone
@@ -244,7 +246,10 @@ class EventsSocket:
             else:
                 lock.acquire_nowait()  # the usual case: no scheduling round just for the lock
             try:
-                await self._stream.send_all(data)
+                # Usually the kernel takes the whole frame at once: no scheduling round for it.
+                sent = send_now(self._raw, data)
+                if sent < len(data):
+                    await self._stream.send_all(memoryview(data)[sent:])
             finally:
                 lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
