@@ -43,7 +43,14 @@ def verdict(point: dict, p99_limit_ms: float = P99_LIMIT_MS, max_loss_ratio: flo
     if point["lost"] > 0 and point["loss_ratio"] > max_loss_ratio:
         reasons.append(f"lost {point['lost']} of {point['expected_deliveries']} deliveries")
     if point["send_errors"]:
-        reasons.append(f"{point['send_errors']} sends failed")
+        kinds = point.get("error_kinds") or {}
+        detail = ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items()))
+        reason = f"{point['send_errors']} sends failed" + (f" ({detail})" if detail else "")
+        if kinds.get("http_429"):
+            # The usual cause with --cluster: a cluster started by hand keeps the per-user limit.
+            reason += (" - the cluster's per-user rate limit refused sends: start it with "
+                       "SMS_RATE_LIMIT=1000000 in its environment, as sms bench does for the clusters it starts")
+        reasons.append(reason)
     if point["not_sent"]:
         reasons.append(f"{point['not_sent']} sends not started (in-flight limit)")
     return (not reasons, reasons)

@@ -22,6 +22,16 @@ def test_verdict():
     assert "nothing delivered" in verdict(point(expected=0, delivered=0))[1]
 
 
+def test_failed_sends_are_named_by_kind_and_a_rate_limit_says_what_to_do():
+    refused = {**point(errors=12), "error_kinds": {"http_429": 10, "timeout": 2}}
+    held, reasons = verdict(refused)
+    assert not held
+    assert reasons[0].startswith("12 sends failed (http_429: 10, timeout: 2)")
+    assert "SMS_RATE_LIMIT=1000000" in reasons[0]
+    held, reasons = verdict({**point(errors=2), "error_kinds": {"timeout": 2}})
+    assert reasons == ["2 sends failed (timeout: 2)"]
+
+
 def run(policy, holds):
     """Drive a sweep where a rate holds iff holds(rate)."""
     state = SweepState(policy)
