@@ -3,6 +3,11 @@
 Each connection has a bounded queue. Delivery never waits: a client that falls a whole queue behind
 is disconnected (close code 1013, "try again later") and resumes from its cursor, rather than
 slowing the node down for everyone else.
+
+A connection may also take events at once (`Subscriber.write_now`, set by the gateway while its
+session waits on an empty queue): they are then written by the delivering task itself, which
+spares the session's task a scheduling round per delivery (docs/protocol.md, "Events socket").
+The events of one delivery reach such a connection together, so they can share one frame.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class Subscriber:
     closed_reason: str | None = None
     # What this connection has been sent: dedupes, and is the cursor each event carries.
     tracker: SeqTracker = field(default_factory=SeqTracker)
+    # events -> True if they were taken at once (written, or owed to the socket in order);
+    # False: queue them as usual. None: this connection only queues.
+    write_now: Callable[[list[dict]], bool] | None = None
 
 
 @dataclass
@@ -58,17 +66,37 @@ class Hub:
         return sum(len(s) for s in self._by_user.values())
 
     def deliver(self, messages: Iterable[Message]) -> None:
+        # Each connection's share of these messages, in order, handed over in one go.
+        shares: dict[Subscriber, list[dict]] = {}
         for m in messages:
             # _origin/_seq are for the connection's tracker; the gateway strips them.
-            self.publish_event(m.room_id, {"type": "message", **m.to_client(), "_origin": m.origin, "_seq": m.seq})
+            event = {"type": "message", **m.to_client(), "_origin": m.origin, "_seq": m.seq}
+            for user_id in self.members_of(m.room_id):
+                for sub in self._by_user.get(user_id, ()):
+                    share = shares.get(sub)
+                    if share is None:
+                        shares[sub] = [event]
+                    else:
+                        share.append(event)
+        for sub, events in shares.items():
+            self._offer_all(sub, events)
 
     def publish_event(self, room_id: str, event: dict) -> None:
         for user_id in self.members_of(room_id):
             for sub in self._by_user.get(user_id, ()):
-                self._offer(sub, event)
+                self._offer_all(sub, [event])
 
     def send_to_user(self, user_id: str, event: dict) -> None:
         for sub in self._by_user.get(user_id, ()):
+            self._offer_all(sub, [event])
+
+    def _offer_all(self, sub: Subscriber, events: list[dict]) -> None:
+        if sub.overflowed:
+            return
+        if sub.write_now is not None and sub.write_now(events):
+            self.delivered += len(events)
+            return
+        for event in events:
             self._offer(sub, event)
 
     def close_user(self, user_id: str, reason: str) -> None:

@@ -36,6 +36,8 @@ WS_CLOSE_POLICY = 1008
 WS_CLOSE_TRY_AGAIN = 1013
 WS_MAX_IN_FLIGHT = 256   # sends over one events socket being processed at once; beyond, we stop reading
 WS_BATCH_MAX = 256       # events in one batch frame at most (batch=1)
+# Queued for a connection whose write_now left part of a frame unwritten: its session writes it.
+_FLUSH: dict = {"type": "_flush"}
 INTERNAL = ("internal", "internal error; it has been logged")
 
 
@@ -557,18 +559,44 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 text = event["_json"] = dumps_bytes({k: v for k, v in event.items() if k[0] != "_"})
             return text
 
-        async def write_batch(events: list[bytes], messages: int) -> None:
+        def frame_of(events: list[bytes], messages: int) -> bytes:
             """One frame: a lone event as itself, more as a batch (only asked for with batch=1).
             The cursor is the frame's, once (it tells where this client is after all of it):
             encoding it per message cost more than the rest of the delivery."""
-            if not events:
-                return
             cursor = b',"cursor":"' + encode_cursor(sub.tracker).encode() + b'"}' if messages else b"}"
             if len(events) == 1:
-                frame = events[0][:-1] + cursor  # an event is a JSON object: "}" is its last byte
-            else:
-                frame = b'{"type":"batch","events":[' + b",".join(events) + b"]" + cursor
-            await ws.send({"type": "websocket.send", "text": frame.decode()})
+                return events[0][:-1] + cursor  # an event is a JSON object: "}" is its last byte
+            return b'{"type":"batch","events":[' + b",".join(events) + b"]" + cursor
+
+        async def write_batch(events: list[bytes], messages: int) -> None:
+            if events:
+                await ws.send({"type": "websocket.send", "text": frame_of(events, messages).decode()})
+
+        def write_now(events: list[dict]) -> bool:
+            """Takes events at once, written by the delivering task (hub.Subscriber.write_now),
+            when that keeps their order: nothing is queued for this connection, its session
+            waits on the empty queue (so holds no event it has not written), and no write is
+            under way. Otherwise False: they queue as usual."""
+            if len(events) > WS_BATCH_MAX or not ws.can_write_now():
+                return False
+            queue = sub.receive.statistics()
+            if queue.current_buffer_used or not queue.tasks_waiting_receive:
+                return False
+            out: list[bytes] = []
+            messages = 0
+            for event in events:
+                text = encoded(event)
+                if text is not None:
+                    out.append(text)
+                    messages += event.get("type") == "message"
+            if out:
+                ws.write_now(frame_of(out, messages))
+                if ws.owes_bytes:  # the kernel took part of it: the session writes the rest
+                    try:
+                        sub.send.send_nowait(_FLUSH)
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        pass  # the connection is closing; its close frame goes after the rest
+            return True
 
         async def push(event: dict) -> None:
             prepared = prepare(event)
@@ -595,6 +623,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         async def answer(event: dict) -> None:
             # Acks and errors queue behind the events already due to this client (and batch with
             # them); a client that stops reading is closed as "too slow" like for any event.
+            if sub.write_now is not None and sub.write_now([event]):
+                return
             await sub.send.send(event)
 
         in_flight = 0                 # sends read and not yet answered
@@ -687,6 +717,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                                 for m in await node.catch_up(resume, rooms - fresh))
                         await push_all(node.co_member_presence(user_id))
                         if batched:
+                            if hasattr(ws, "write_now"):  # the node's own socket (wsserver.py)
+                                sub.write_now = write_now
                             async for event in sub.receive:
                                 queued = [event]
                                 # What is queued already goes in the same frame; never wait for more.
@@ -695,6 +727,9 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                                         queued.append(sub.receive.receive_nowait())
                                     except (trio.WouldBlock, trio.EndOfChannel):
                                         break
+                                if any(e is _FLUSH for e in queued):
+                                    queued = [e for e in queued if e is not _FLUSH]
+                                    await ws.flush()  # what a write_now left over goes first
                                 await push_all(queued)
                         else:
                             async for event in sub.receive:
@@ -707,6 +742,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 except* (WebSocketDisconnect, RuntimeError):
                     pass  # the client left while we wrote; sends in flight still finish
                 finally:
+                    sub.write_now = None
                     node.hub.disconnect(sub)  # closes the queue: answers still to come are dropped
         except* (WebSocketDisconnect, RuntimeError):
             pass

@@ -162,6 +162,7 @@ class EventsSocket:
         self._queue: deque[dict] = deque()
         self._lock = trio.Lock()
         self._raw = raw_socket(stream)  # None: every write goes through trio (sendnow.py)
+        self._tail = b""  # what the kernel did not take of a write_now; it goes first next time
         self.accepted = False
         self.close_sent = False
         self.disconnected = False   # the client's close frame was read, or the connection is gone
@@ -194,6 +195,30 @@ class EventsSocket:
         text = message.get("text")
         frame = encode_frame(OP_TEXT, text.encode()) if text is not None else encode_frame(OP_BINARY, bytes(message["bytes"]))
         await self._write(frame)
+
+    def can_write_now(self) -> bool:
+        """True when write_now may be called: no write under way or owed, the socket open."""
+        return (self._raw is not None and not self._tail and not self._lock.locked()
+                and self.accepted and not self.close_sent and not self.disconnected)
+
+    def write_now(self, text: bytes) -> None:
+        """Writes one text frame (`text` is UTF-8) without awaiting: the caller's task, not a
+        scheduling round of the session's (call only when can_write_now()). What the kernel does
+        not take at once is kept and goes out first with the next write; `flush` writes it, and
+        an error shows there, as with `send`."""
+        frame = encode_frame(OP_TEXT, text)
+        sent = send_now(self._raw, frame)
+        if sent < len(frame):
+            self._tail = frame[sent:]
+
+    @property
+    def owes_bytes(self) -> bool:
+        """A write_now left part of its frame unwritten (flush writes it)."""
+        return bool(self._tail)
+
+    async def flush(self) -> None:
+        if self._tail:
+            await self._write(b"")
 
     async def receive(self) -> dict:
         while not self._queue:
@@ -246,6 +271,8 @@ class EventsSocket:
             else:
                 lock.acquire_nowait()  # the usual case: no scheduling round just for the lock
             try:
+                if self._tail:  # the rest of a write_now goes first
+                    data, self._tail = self._tail + data, b""
                 # Usually the kernel takes the whole frame at once: no scheduling round for it.
                 sent = send_now(self._raw, data)
                 if sent < len(data):

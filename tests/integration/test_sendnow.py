@@ -111,3 +111,64 @@ async def test_libp2p_write_on_a_reset_connection_is_connection_closed():
         except ConnectionClosedError:
             return
     raise AssertionError("writes to a closed peer never failed")
+
+
+async def accepted_events_socket() -> tuple["EventsSocket", trio.SocketStream, bytes]:
+    from sms.node.adapters.wsserver import EventsSocket, Headers, Request
+
+    server, client = await socket_streams()
+    request = Request("GET", "/v1/events", "HTTP/1.1", Headers({"sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}))
+    ws = EventsSocket(server, request)
+    await ws.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await client.receive_some(4096)
+    return ws, client, head.split(b"\r\n\r\n", 1)[1]
+
+
+async def test_events_socket_writes_at_once_and_owes_the_rest_in_order_when_the_kernel_is_full():
+    """write_now, as the hub's delivering task calls it: frames go out whole and in order, also
+    when the kernel takes only part of one (the rest is owed, and goes before any later write)."""
+    from sms.node.adapters.wscodec import OP_TEXT, MessageReader
+
+    ws, client, leftover = await accepted_events_socket()
+    sent: list[str] = []
+    i = 0
+    while not ws.owes_bytes:  # nobody reads yet: the kernel's buffer fills
+        assert ws.can_write_now()
+        text = f'{{"n":{i},"pad":"{"x" * 3000}"}}'
+        ws.write_now(text.encode())
+        sent.append(text)
+        i += 1
+        assert i < 100_000, "the socket never filled"
+    assert not ws.can_write_now()  # owed bytes go first: no more writes at once
+    reader = MessageReader()
+    got: list[str] = [p for op, p in reader.feed(leftover) if op == OP_TEXT]
+
+    async def read_all() -> None:
+        while len(got) < len(sent) + 1:
+            data = await client.receive_some(1 << 16)
+            assert data, "the socket closed early"
+            got.extend(p for op, p in reader.feed(data) if op == OP_TEXT)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await ws.send({"type": "websocket.send", "text": "after"})  # writes what is owed first
+    assert got == sent + ["after"]
+    assert not ws.owes_bytes and ws.can_write_now()
+
+
+async def test_events_socket_flush_writes_what_is_owed_and_reports_a_lost_client():
+    from starlette.websockets import WebSocketDisconnect
+
+    ws, client, _ = await accepted_events_socket()
+    while not ws.owes_bytes:
+        ws.write_now(b'{"pad":"' + b"y" * 60000 + b'"}')
+    await client.aclose()  # the client is gone: what is owed cannot be written
+    with trio.fail_after(10):
+        try:
+            await ws.flush()
+        except WebSocketDisconnect:
+            return
+    raise AssertionError("flush to a closed client did not report it")

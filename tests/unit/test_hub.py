@@ -1,0 +1,66 @@
+"""The hub's fan-out (node/hub.py): each connection gets its events in order, either taken at once
+(`Subscriber.write_now`) or queued; a connection that takes them at once gets a delivery's
+events in one call, so they can share one frame."""
+
+from __future__ import annotations
+
+import trio
+
+from sms.node.core.model import Message
+from sms.node.hub import Hub
+
+ROOMS = {"r1": ["alice", "bob"], "r2": ["alice"]}
+
+
+def hub() -> Hub:
+    return Hub(members_of=lambda room_id: ROOMS.get(room_id, []))
+
+
+def message(n: int, room: str = "r1") -> Message:
+    return Message(message_id=f"m{n}", room_id=room, sender="carol", body=f"hello {n}", ts=n, txn_id=f"t{n}",
+                   origin="node-a", seq=n)
+
+
+def queued(sub) -> list[dict]:
+    out = []
+    while True:
+        try:
+            out.append(sub.receive.receive_nowait())
+        except trio.WouldBlock:
+            return out
+
+
+def test_a_connection_that_takes_events_at_once_gets_a_deliverys_share_in_one_call_in_order():
+    h = hub()
+    alice, bob = h.connect("alice"), h.connect("bob")
+    calls: list[list[str]] = []
+    alice.write_now = lambda events: calls.append([e["message_id"] for e in events]) or True
+    h.deliver([message(1), message(2, "r2"), message(3)])
+    assert calls == [["m1", "m2", "m3"]]  # her share: both rooms, in delivery order
+    assert queued(alice) == []
+    assert [e["message_id"] for e in queued(bob)] == ["m1", "m3"]  # bob only queues
+    assert h.delivered == 5
+
+
+def test_events_a_connection_cannot_take_at_once_queue_in_order():
+    h = hub()
+    alice = h.connect("alice")
+    offered: list[int] = []
+    alice.write_now = lambda events: offered.append(len(events)) and False
+    h.deliver([message(1), message(2)])
+    h.publish_event("r1", {"type": "typing", "room_id": "r1", "user_id": "bob", "typing": True})
+    assert offered == [2, 1]
+    got = queued(alice)
+    assert [e.get("message_id", e["type"]) for e in got] == ["m1", "m2", "typing"]
+    assert got[0]["_origin"] == "node-a" and got[0]["_seq"] == 1  # the gateway's tracker needs them
+    assert h.delivered == 3
+
+
+def test_an_overflowed_connection_is_offered_nothing():
+    h = hub()
+    alice = h.connect("alice")
+    alice.overflowed = True
+    alice.write_now = lambda events: (_ for _ in ()).throw(AssertionError("offered to an overflowed connection"))
+    h.deliver([message(1)])
+    h.send_to_user("alice", {"type": "ack"})
+    assert h.delivered == 0
