@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 import trio
@@ -568,9 +568,22 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 return events[0][:-1] + cursor  # an event is a JSON object: "}" is its last byte
             return b'{"type":"batch","events":[' + b",".join(events) + b"]" + cursor
 
-        async def write_batch(events: list[bytes], messages: int) -> None:
-            if events:
-                await ws.send({"type": "websocket.send", "text": frame_of(events, messages).decode()})
+        def frames_of(events) -> Iterator[bytes]:
+            """The frames that carry `events` to this client, at most WS_BATCH_MAX events each
+            (a message it was sent already is left out; each frame's cursor counts what it and
+            the frames before it carry)."""
+            out: list[bytes] = []
+            messages = 0
+            for event in events:
+                text = encoded(event)
+                if text is not None:
+                    out.append(text)
+                    messages += event.get("type") == "message"
+                    if len(out) == WS_BATCH_MAX:
+                        yield frame_of(out, messages)
+                        out, messages = [], 0
+            if out:
+                yield frame_of(out, messages)
 
         def write_now(events: list[dict]) -> bool:
             """Takes events at once, written by the delivering task (hub.Subscriber.write_now),
@@ -582,15 +595,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             queue = sub.receive.statistics()
             if queue.current_buffer_used or not queue.tasks_waiting_receive:
                 return False
-            out: list[bytes] = []
-            messages = 0
-            for event in events:
-                text = encoded(event)
-                if text is not None:
-                    out.append(text)
-                    messages += event.get("type") == "message"
-            if out:
-                ws.write_now(frame_of(out, messages))
+            for frame in frames_of(events):  # one at most: no more than WS_BATCH_MAX events
+                ws.write_now(frame)
                 if ws.owes_bytes:  # the kernel took part of it: the session writes the rest
                     try:
                         sub.send.send_nowait(_FLUSH)
@@ -608,17 +614,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 for event in events:
                     await push(event)
                 return
-            out: list[bytes] = []
-            messages = 0
-            for event in events:
-                text = encoded(event)
-                if text is not None:
-                    out.append(text)
-                    messages += event.get("type") == "message"
-                    if len(out) == WS_BATCH_MAX:
-                        await write_batch(out, messages)
-                        out, messages = [], 0
-            await write_batch(out, messages)
+            for frame in frames_of(events):
+                await ws.send({"type": "websocket.send", "text": frame.decode()})
 
         async def answer(event: dict) -> None:
             # Acks and errors queue behind the events already due to this client (and batch with
