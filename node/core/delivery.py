@@ -150,6 +150,30 @@ def encode_cursor(tracker: SeqTracker) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+@dataclass
+class CursorCache:
+    """encode_cursor, remembered for trackers without gaps. A node's connections to the same rooms
+    have been sent the same messages, so their trackers, and cursors, are equal: with 10,000
+    connections in rooms of 200, encoding each connection's cursor for each delivery was a fifth
+    of a node's CPU. The key is the tracker's contiguous counters in their order, which is all a
+    tracker without gaps holds (its cursor lists them in that order), so a hit is the very
+    string encode_cursor would make. Bounded: emptied when it reaches max_entries."""
+
+    max_entries: int = 4096
+    _cursors: dict[tuple, str] = field(default_factory=dict, repr=False)
+
+    def encode(self, tracker: SeqTracker) -> str:
+        if tracker._extra:
+            return encode_cursor(tracker)
+        key = tuple(tracker._contiguous.items())
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            if len(self._cursors) >= self.max_entries:
+                self._cursors.clear()
+            cursor = self._cursors[key] = encode_cursor(tracker)
+        return cursor
+
+
 def decode_cursor(cursor: str) -> SeqTracker:
     try:
         if len(cursor) > MAX_CURSOR_CHARS:

@@ -5,6 +5,7 @@ events in one call, so they can share one frame."""
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from sms.node.core.model import Message
 from sms.node.hub import Hub
@@ -64,3 +65,34 @@ def test_an_overflowed_connection_is_offered_nothing():
     h.deliver([message(1)])
     h.send_to_user("alice", {"type": "ack"})
     assert h.delivered == 0
+
+
+async def test_waits_on_empty_queue_reads_what_trio_reports():
+    """The gateway's check that a connection's session waits on an empty queue reads trio's channel
+    state directly; it must say what trio's statistics() say, in every state that matters."""
+    from sms.node.adapters.gateway import waits_on_empty_queue
+
+    send, receive = trio.open_memory_channel(8)
+
+    def agrees() -> bool:
+        stats = receive.statistics()
+        expected = not stats.current_buffer_used and stats.tasks_waiting_receive > 0
+        assert waits_on_empty_queue(receive) == expected
+        return expected
+
+    assert not agrees()                       # nobody waits
+    send.send_nowait("queued")
+    assert not agrees()                       # something queued, nobody waits
+    assert receive.receive_nowait() == "queued"
+    got = []
+
+    async def wait_for_one() -> None:
+        got.append(await receive.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert agrees()                       # a task waits on an empty queue
+        send.send_nowait("handed over")
+        assert not agrees()                   # handed to the waiting task: it no longer waits
+    assert got == ["handed over"]
