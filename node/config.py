@@ -33,12 +33,16 @@ class NodeConfig:
     # Frames (bundles) this node publishes per second at most: max at idle, falling to
     # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
     # next frame instead of each costing a frame (node/core/pacing.py).
-    max_frames_per_s: float = 200.0
-    min_frames_per_s: float = 150.0
-    busy_messages_per_s: float = 300.0
+    max_frames_per_s: float = 1000.0
+    min_frames_per_s: float = 500.0
+    busy_messages_per_s: float = 600.0
     # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
     # 0 turns direct push off (docs/protocol.md, "Direct push").
     direct_max_peers: int = 16  # p2p.DIRECT_MAX_PEERS (not imported here: it would load libp2p)
+    # Direct frames on fast lanes: plain TCP, sealed with a key handed over on libp2p (docs/protocol.md,
+    # "Fast lane"), accepted on lane_port of p2p_host (0: any free port).
+    lanes: bool = True
+    lane_port: int = 0
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 
@@ -64,6 +68,8 @@ class NodeConfig:
             problems.append("--min-frames-per-s must be positive")
         if not 0 < self.busy_messages_per_s:
             problems.append("--busy-messages-per-s must be positive")
+        if not 0 <= self.lane_port <= 65535 or (self.lane_port and self.lane_port == self.p2p_port):
+            problems.append(f"--lane-port {self.lane_port} must be 0 (any free port) or a TCP port other than --p2p-port")
         if self.direct_max_peers < 0:
             problems.append("--direct-max-peers must be 0 (never push directly) or positive")
         if not 0 <= self.publish_window_ms <= 1000:

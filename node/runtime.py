@@ -1050,6 +1050,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     cluster_addrs=lambda: {p: str(i.get("multiaddr", "")) for p, i in cache.nodes().items()},
                     rooms_at_start=("", BUNDLE_ROOM),  # the presence topic; every node's bundles
                     direct_max_peers=config.direct_max_peers,
+                    lanes=config.lanes,
+                    lane_port=config.lane_port,
                     sync_handler=lambda *a: node_ref[0].handle_sync(*a),
                     on_peer_connected=lambda peer: node_ref[0].on_peer_connected(peer),
                 )

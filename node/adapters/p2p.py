@@ -47,7 +47,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from ..errors import BadRequest, PeerError
+from ..errors import BadRequest, PeerError, Unavailable
+from . import lane as fastlane
 from .sendnow import install_for_libp2p
 
 log = logging.getLogger("sms.p2p")
@@ -162,6 +163,11 @@ DIRECT_OPEN_TIMEOUT_S = 5.0
 DIRECT_RETRY_S = 2.0  # after a peer refused or failed a direct stream, GossipSub until then
 _DIRECT_ACCEPT = b"\x01"  # the receiver's first and only byte: it admitted us and reads from now on
 _DIRECT_SEEN_MAX = 8192
+# The fast lane (lane.py): a peer's direct frames on a plain TCP connection, sealed under a key it
+# got on this protocol. A node asks each peer it has a direct stream to; until the lane is open,
+# and whenever it fails, the direct stream carries the frames. docs/protocol.md, "Fast lane".
+LANE_PROTOCOL = TProtocol("/sms/lane/1.0.0")
+LANE_RETRY_S = 10.0  # after a peer refused or failed a lane: its direct stream until then
 # A peer whose frames are rejected this many times within STRIKE_WINDOW_S is cut off for CUT_OFF_S.
 MAX_STRIKES = 3  # strikes are only for malformed frames, which no honest sms node sends
 STRIKE_WINDOW_S = 60.0
@@ -233,6 +239,11 @@ class P2PStats:
     direct_links_lost: int = 0     # open direct streams whose connection closed
     direct_link_failures: int = 0  # direct streams that could not be opened or broke
     direct_refused: int = 0        # direct streams refused: the peer is not admitted
+    lanes_opened: int = 0          # fast lanes to peers opened (lane.py)
+    lane_failures: int = 0         # fast lanes that could not be opened or broke
+    lanes_refused: int = 0         # fast lanes refused: unknown or expired token, peer not admitted
+    lane_frames_out: int = 0       # frames sent to a peer on its lane (once per peer)
+    lane_frames_in: int = 0
     direct_dropped: int = 0        # direct frames for a topic we are not on, or from a peer cut off
     duplicate_frames: int = 0      # frames that came both ways, dropped the second time
 
@@ -262,6 +273,10 @@ class P2PNode:
     # Rooms (topics) joined as the node starts, before it dials anyone or accepts a peer's direct
     # stream: a frame pushed to a node not yet on its topic would be dropped.
     rooms_at_start: tuple[str, ...] = ()
+    # Direct frames on fast lanes (lane.py) where the peer offers one; False: direct streams only,
+    # and no lane offered to peers. lane_port: the TCP port lanes are accepted on (0: any free one).
+    lanes: bool = True
+    lane_port: int = 0
     stats: P2PStats = field(default_factory=P2PStats)
 
     def __post_init__(self) -> None:
@@ -302,9 +317,16 @@ class P2PNode:
         self._no_direct_until: dict[str, float] = {}  # peers that refused or failed a stream
         self._seen_frames: dict[bytes, None] = {}  # digests of frames handed over, oldest first
         self._started = trio.Event()  # rooms_at_start joined: direct streams are accepted from now
+        self._lane_offers = fastlane.LaneOffers()
+        self._lane_listeners: list[trio.SocketListener] = []
+        self._lanes: dict[str, fastlane.LaneSender] = {}   # peer -> our open lane to it
+        self._laning: set[str] = set()                    # peers a lane is being opened to
+        self._no_lane_until: dict[str, float] = {}
+        self._lanes_in: dict[str, set[trio.SocketStream]] = {}  # peer -> its open lanes to us
         self.host.get_network().register_notifee(_AdmissionNotifee(self))
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_stream)
         self.host.set_stream_handler(DIRECT_PROTOCOL, self._serve_direct_stream)
+        self.host.set_stream_handler(LANE_PROTOCOL, self._serve_lane_request)
 
     def _score_params(self) -> ScoreParams:
         """GossipSub's peer scoring, set deliberately. In py-libp2p 0.8.1 the scorer is minimal
@@ -376,8 +398,11 @@ class P2PNode:
             await stack.enter_async_context(background_trio_service(self.gossipsub))
             await stack.enter_async_context(background_trio_service(self.dht))
             await self.pubsub.wait_until_ready()
+            stack.callback(self._close_lanes)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.lanes:
+                    await self._listen_for_lanes(nursery)
                 for room_id in self.rooms_at_start:
                     await self.join_room(room_id)
                 self._started.set()
@@ -557,6 +582,9 @@ class P2PNode:
         except Exception:
             return
         self.stats.cut_offs += 1
+        self._drop_lane(peer_id)
+        for stream in self._lanes_in.pop(peer_id, set()):
+            stream.socket.close()  # its reader ends; a cut-off peer's frames were refused anyway
         # Below the publish threshold on every topic: no frame of ours is sent its way.
         self.gossipsub.scorer.penalize_behavior(pid, 1000.0)
         self.pubsub.add_to_blacklist(pid)
@@ -679,13 +707,30 @@ class P2PNode:
         if peers is None:
             return False
         room = room_id.encode()
-        record = (len(data) + 2 + len(room)).to_bytes(4, "big") + len(room).to_bytes(2, "big") + room + data
+        body = len(room).to_bytes(2, "big") + room + data
+        record = None
         ok = True
         for peer in peers:
             stream = self._links.get(peer)
             if stream is None:
                 ok = False
                 continue
+            lane = self._lanes.get(peer)
+            if lane is not None:
+                try:
+                    await lane.send(body, timeout_s=DIRECT_WRITE_TIMEOUT_S)
+                    self.stats.lane_frames_out += 1
+                    continue
+                except Exception as exc:  # the lane broke or stalled: this frame goes over GossipSub too
+                    log.warning("fast lane to %s failed: %s", peer, exc)
+                    self.stats.lane_failures += 1
+                    self._drop_lane(peer, lane)
+                    ok = False
+                    continue
+            if self.lanes:
+                self._open_lane_soon(peer)
+            if record is None:
+                record = len(body).to_bytes(4, "big") + body
             lock = self._link_locks.setdefault(peer, trio.Lock())
             try:
                 with trio.fail_after(DIRECT_WRITE_TIMEOUT_S):
@@ -723,6 +768,8 @@ class P2PNode:
             self._no_direct_until.pop(peer, None)
             self.stats.direct_links_opened += 1
             log.info("direct stream to %s open", peer)
+            if self.lanes:
+                self._open_lane_soon(peer)
         except Exception as exc:
             log.info("no direct stream to %s yet: %s", peer, exc)
             self.stats.direct_link_failures += 1
@@ -736,6 +783,7 @@ class P2PNode:
         current = self._links.get(peer)
         if stream is None or current is stream:
             self._links.pop(peer, None)
+            self._drop_lane(peer)
         if current is not None:
             await _reset_quietly(current)
 
@@ -746,9 +794,11 @@ class P2PNode:
         if link is not None and getattr(link, "muxed_conn", muxed_conn) is muxed_conn:
             del self._links[peer]
             self._link_locks.pop(peer, None)
+            self._drop_lane(peer)
             self.stats.direct_links_lost += 1
             log.info("direct stream to %s lost with its connection", peer)
         self._no_direct_until.pop(peer, None)
+        self._no_lane_until.pop(peer, None)
 
     def _seen_before(self, room_id: str, data: bytes) -> bool:
         """True for a frame already handed over (it came both ways); remembers it otherwise."""
@@ -777,16 +827,7 @@ class P2PNode:
             _credit_in_batches(stream)
             records = _RecordReader(stream)
             while True:
-                record = await records.next(MAX_DIRECT_FRAME_BYTES)
-                size = len(record)
-                room_len = int.from_bytes(record[:2], "big")
-                if 2 + room_len > size:
-                    raise PeerError("direct frame's room id runs past its end")
-                try:
-                    room_id = record[2:2 + room_len].decode()
-                except UnicodeDecodeError:
-                    raise PeerError("direct frame's room id is not UTF-8") from None
-                self._take_direct_frame(peer, room_id, record[2 + room_len:])
+                self._take_direct_record(peer, await records.next(MAX_DIRECT_FRAME_BYTES))
         except _StreamEnded:
             await _reset_quietly(stream)  # the peer closed its end, or its connection went
         except PeerError as err:
@@ -796,6 +837,17 @@ class P2PNode:
         except Exception as exc:  # the connection went away
             log.debug("direct stream from %s failed: %s", peer, exc)
             await _reset_quietly(stream)
+
+    def _take_direct_record(self, peer: str, record: bytes) -> None:
+        """A record of a direct stream or lane: [2-byte room id length][room id][frame]."""
+        room_len = int.from_bytes(record[:2], "big")
+        if len(record) < 2 or 2 + room_len > len(record):
+            raise PeerError("direct frame's room id runs past its end")
+        try:
+            room_id = record[2:2 + room_len].decode()
+        except UnicodeDecodeError:
+            raise PeerError("direct frame's room id is not UTF-8") from None
+        self._take_direct_frame(peer, room_id, record[2 + room_len:])
 
     def _take_direct_frame(self, peer: str, room_id: str, data: bytes) -> None:
         if room_id not in self._rooms or not self._admitted(peer):
@@ -818,6 +870,135 @@ class P2PNode:
         self.stats.bytes_received += len(data)
         if self.on_frame is not None:
             self.on_frame(room_id, data, peer)
+
+
+    # -- fast lanes (lane.py)
+
+    async def _listen_for_lanes(self, nursery: trio.Nursery) -> None:
+        try:
+            self._lane_listeners = await trio.open_tcp_listeners(self.lane_port, host=self.listen_host)
+        except OSError as exc:
+            raise Unavailable(f"cannot listen for fast lanes on {self.listen_host}:{self.lane_port}: "
+                              f"{exc.strerror or exc}; choose another --lane-port, or --no-lanes") from None
+        nursery.start_soon(trio.serve_listeners, self._serve_lane, self._lane_listeners)
+
+    @property
+    def lane_port_bound(self) -> int | None:
+        """The port lanes are accepted on, once listening."""
+        if not self._lane_listeners:
+            return None
+        return self._lane_listeners[0].socket.getsockname()[1]
+
+    async def _serve_lane_request(self, stream) -> None:
+        """A peer asks for a lane: answer with our lane port, a one-time token and a fresh key."""
+        peer = str(stream.muxed_conn.peer_id)
+        port = self.lane_port_bound
+        if port is None or not self._admitted(peer) or not self._started.is_set():
+            self.stats.lanes_refused += 1
+            await _reset_quietly(stream)
+            return
+        token, key = self._lane_offers.issue(peer, trio.current_time())
+        try:
+            with trio.fail_after(DIRECT_OPEN_TIMEOUT_S):
+                await stream.write(fastlane.encode_offer(port, token, key))
+                await stream.close()
+        except Exception as exc:
+            log.debug("lane offer to %s failed: %s", peer, exc)
+            await _reset_quietly(stream)
+
+    async def _serve_lane(self, tcp: trio.SocketStream) -> None:
+        """A lane from a peer: its token first, then its sealed frames until it closes."""
+        peer = None
+        try:
+            token = None
+            with trio.move_on_after(fastlane.OFFER_TTL_S):
+                try:
+                    token = await fastlane.receive_exactly(tcp, fastlane.TOKEN_BYTES)
+                except trio.BrokenResourceError:
+                    pass  # closed before its token: refused like a wrong one
+            offer = self._lane_offers.take(token, trio.current_time()) if token is not None else None
+            if offer is None or not self._admitted(offer[0]):
+                self.stats.lanes_refused += 1
+                return
+            peer, key = offer
+            self._lanes_in.setdefault(peer, set()).add(tcp)
+            await tcp.send_all(fastlane.ACCEPT)
+
+            def take(body: bytes) -> None:
+                self.stats.lane_frames_in += 1
+                self._take_direct_record(peer, body)
+
+            await fastlane.read_records(tcp, key, MAX_DIRECT_FRAME_BYTES, take)
+        except PeerError as err:
+            log.info("fast lane from %s ended: %s", peer, err)
+            if peer is not None:
+                self.strike(peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("fast lane from %s failed: %s", peer, exc)
+        finally:
+            if peer is not None:
+                self._lanes_in.get(peer, set()).discard(tcp)
+            tcp.socket.close()
+
+    def _open_lane_soon(self, peer: str) -> None:
+        if peer in self._lanes or peer in self._laning or self._nursery is None:
+            return
+        if self._no_lane_until.get(peer, 0.0) > trio.current_time():
+            return
+        self._laning.add(peer)
+        self._nursery.start_soon(self._open_lane, peer)
+
+    async def _open_lane(self, peer: str) -> None:
+        """Asks the peer for a lane on libp2p, then opens it. On failure, the peer's frames stay
+        on its direct stream and we ask again after LANE_RETRY_S (a peer with lanes turned off,
+        a firewall, or an older node without the protocol)."""
+        stream = tcp = None
+        try:
+            with trio.fail_after(DIRECT_OPEN_TIMEOUT_S):
+                stream = await self.host.new_stream(ID.from_base58(peer), [LANE_PROTOCOL])
+                port, token, key = fastlane.decode_offer(await _read_exact(stream, fastlane.OFFER_BYTES))
+                address = stream.get_remote_address()
+                await _reset_quietly(stream)
+                stream = None
+                if not address:
+                    raise PeerError("no address for the peer's connection")
+                tcp = await trio.open_tcp_stream(address[0], port)
+                await tcp.send_all(token)
+                if await fastlane.receive_exactly(tcp, 1) != fastlane.ACCEPT:
+                    raise PeerError("unexpected answer on a lane")
+            if peer not in self._links:  # the direct stream went while we asked
+                raise PeerError("the direct stream closed meanwhile")
+            self._lanes[peer] = fastlane.LaneSender(tcp, key)
+            tcp = None
+            self._no_lane_until.pop(peer, None)
+            self.stats.lanes_opened += 1
+            log.info("fast lane to %s open", peer)
+        except Exception as exc:
+            log.info("no fast lane to %s: %s", peer, exc)
+            self.stats.lane_failures += 1
+            self._no_lane_until[peer] = trio.current_time() + LANE_RETRY_S
+            if stream is not None:
+                await _reset_quietly(stream)
+        finally:
+            self._laning.discard(peer)
+            if tcp is not None:  # not handed to a LaneSender: failed, or cancelled on the way
+                tcp.socket.close()
+
+    def _drop_lane(self, peer: str, lane: "fastlane.LaneSender | None" = None) -> None:
+        current = self._lanes.get(peer)
+        if current is not None and (lane is None or current is lane):
+            del self._lanes[peer]
+            current.close()
+
+    def _close_lanes(self) -> None:
+        for peer in list(self._lanes):
+            self._drop_lane(peer)
+        for streams in self._lanes_in.values():
+            for stream in streams:
+                stream.socket.close()
+        self._lanes_in.clear()
+        for listener in self._lane_listeners:
+            listener.socket.close()
 
 
 class _StreamEnded(PeerError):

@@ -21,7 +21,11 @@ node's messages wait for two clocks in turn, the commit pacer's and then this on
 messages/s per node instead of 600), each commit's messages leave in a frame at once, and a
 remote recipient waits for the commit alone: at 1,600 sends/s the remote p50 fell from 7 ms above
 the sender's node's to 2 ms above it, and p99 (median of 3 runs at 400/800/1,600/3,200 sends/s)
-went from 6.3/16.6/29.1/59.1 ms to 5.7/16.5/24.6/39.7 ms.
+went from 6.3/16.6/29.1/59.1 ms to 5.7/16.5/24.6/39.7 ms. Once frames left libp2p for fast lanes
+(node/adapters/lane.py: a frame's CPU at both ends 0.27-0.29 → 0.04-0.06 ms), a frame costs less
+than the commit it follows, so the cap rose to 1,000 falling to 500 frames/s, above any commit
+rate a node reaches: it no longer shapes traffic, and only bounds a runaway. (With --no-lanes the
+measurements above stand: 200 falling to 150.)
 """
 
 from __future__ import annotations
@@ -62,13 +66,14 @@ class FramePacer:
     frame carries many messages, and the CPU saved keeps the queues short). In between the rate
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
-    max_rate: float = 200.0              # frames per second at idle; 0 or less: no cap at all
-    # Frames per second at or beyond busy_messages_per_s: above CommitPacer's highest commit rate
-    # (1/max_gap_s = 125/s), so that a busy node's every commit leaves in a frame at once. (In a
-    # cluster of more than REFERENCE_NODES the share below scales it under that: there a commit's
-    # messages may wait for a frame again, the price of a cluster-wide frame budget.)
-    min_rate: float = 150.0
-    busy_messages_per_s: float = 300.0
+    max_rate: float = 1000.0             # frames per second at idle; 0 or less: no cap at all
+    # Frames per second at or beyond busy_messages_per_s: above any commit rate CommitPacer lets a
+    # node reach (at most quiet_messages_per_s commits/s while unpaced, 1/max_gap_s = 125/s when
+    # paced), so that every commit leaves in a frame at once. (In a cluster of more than
+    # REFERENCE_NODES the share below scales it under that: there a commit's messages may wait
+    # for a frame again, the price of a cluster-wide frame budget.)
+    min_rate: float = 500.0
+    busy_messages_per_s: float = 600.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
     # This node's share of the frame budget. The rates above are a node's in a cluster of up to
@@ -130,11 +135,14 @@ class CommitPacer:
     rate the gap would only add latency (8 ms on a lone send), so there is none. The rates were
     300 and 600 until the frame pacer was made to frame every commit at once (FramePacer.min_rate):
     fewer commits are then also fewer frames, and 150/300 kept the p99s at 400-800 sends/s while
-    cutting them at 1,600-3,200 (the module docstring)."""
+    cutting them at 1,600-3,200 (the module docstring). With fast lanes the nodes had ~25 points of
+    CPU to spare at 800 sends/s, and 300/600 again took p99 there from 13 to 6-7.6 ms (same-node
+    p50 5.5 → 1.1 ms) at 1,600-3,200 unchanged; no gap at all was as fast, for 40 more points of
+    node CPU at 1,600 (docs/benchmarks.md)."""
 
     max_gap_s: float = 0.008
-    quiet_messages_per_s: float = 150.0
-    busy_messages_per_s: float = 300.0  # FramePacer's too: frames are at their floor from here
+    quiet_messages_per_s: float = 300.0
+    busy_messages_per_s: float = 600.0  # FramePacer's too: frames are at their floor from here
     window_s: float = 1.0
     _load: DecayingRate | None = field(default=None, repr=False)
 

@@ -160,11 +160,14 @@ async def test_a_thousand_concurrent_messages_from_all_nodes_arrive_exactly_once
         assert histories[0] == histories[1] == histories[2]
         assert set(histories[0]) == set(sent) and len(histories[0]) == 1000
         # Three nodes meet each other at once (the registry gives their addresses), so their
-        # frames went on direct streams, not relayed over GossipSub.
+        # frames went directly, not relayed over GossipSub, and on fast lanes (two per node).
         after = [(await http.get(cluster.http(i) + "/v1/status")).json()["p2p"] for i in range(3)]
         for b, a in zip(before, after):
             assert a["direct_frames_in"] > b["direct_frames_in"] and a["direct_frames_out"] > b["direct_frames_out"]
             assert a["direct_fallbacks"] == b["direct_fallbacks"]
+            assert a["lanes_opened"] >= 2
+            assert a["lane_frames_out"] - b["lane_frames_out"] == 2 * (a["direct_frames_out"] - b["direct_frames_out"])
+            assert a["lane_frames_in"] - b["lane_frames_in"] == a["direct_frames_in"] - b["direct_frames_in"]
 
 
 async def test_a_killed_node_restarts_and_its_clients_miss_nothing(cluster: ClusterProcess) -> None:

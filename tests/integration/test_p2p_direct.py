@@ -21,9 +21,11 @@ ROOM = p2p.BUNDLE_ROOM
 
 
 class Peer:
-    """One P2PNode and what it was handed."""
+    """One P2PNode and what it was handed. Fast lanes are off unless asked for: these tests are
+    about the direct stream itself (tests/integration/test_p2p_lane.py: the lanes)."""
 
     def __init__(self, **options) -> None:
+        options.setdefault("lanes", False)
         self.got: list[tuple[str, bytes, str]] = []
         self.admitted: set[str] | None = None  # None: everyone
         self.reject: set[bytes] = set()        # frames its validator calls malformed

@@ -18,7 +18,8 @@ def config(**changes) -> NodeConfig:
 
 def test_the_defaults_are_valid():
     c = config().validate()
-    assert c.publish_window_ms == 0.0 and c.busy_messages_per_s == 300.0 and c.db_wire is True
+    assert c.publish_window_ms == 0.0 and c.busy_messages_per_s == 600.0 and c.db_wire is True
+    assert c.lanes is True and c.lane_port == 0  # fast lanes on, on any free port
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -28,6 +29,8 @@ def test_the_defaults_are_valid():
     (dict(min_frames_per_s=0.0), "--min-frames-per-s"),
     (dict(max_frames_per_s=-1.0), "--max-frames-per-s"),
     (dict(direct_max_peers=-1), "--direct-max-peers"),
+    (dict(lane_port=70000), "--lane-port"),
+    (dict(lane_port=4101, p2p_port=4101), "--lane-port"),
     (dict(http_port=70000), "--http-port"),
     (dict(db_dsn="mysql://x"), "--db"),
 ])

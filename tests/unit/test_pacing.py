@@ -200,7 +200,14 @@ def test_by_default_a_busy_node_frames_each_commit_at_once() -> None:
     from sms.node.config import NodeConfig
 
     frames, commits = FramePacer(), CommitPacer()
-    assert frames.min_rate > 1 / commits.max_gap_s
+    # A node commits at most once per message and at most once per gap, at every load.
+    q, b = commits.quiet_messages_per_s, commits.busy_messages_per_s
+
+    def most_commits(load: float) -> float:
+        gap = commits.max_gap_s * min(1.0, max(0.0, load - q) / (b - q))
+        return min(load, 1 / gap) if gap > 0 else load
+
+    assert frames.min_rate > max(most_commits(load) for load in range(1, 5000))
     assert commits.busy_messages_per_s <= frames.busy_messages_per_s
     defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
     assert (defaults["min_frames_per_s"], defaults["max_frames_per_s"], defaults["busy_messages_per_s"]) == (
