@@ -480,6 +480,11 @@ class P2PNode:
             self._bootstrap_connected = True
 
     async def _connect(self, info: PeerInfo) -> bool:
+        if not self._admitted(str(info.peer_id)):
+            # Our own gate would refuse the connection the moment it opened: dialing a bootstrap
+            # peer that is not registered every round only made it flicker in and out of our
+            # peers (and let a frame of ours slip to it in between).
+            return False
         try:
             with trio.fail_after(5):
                 await self.host.connect(info)
