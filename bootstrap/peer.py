@@ -112,6 +112,7 @@ async def serve_bootstrap_peer(
         listen_host=config.host,
         secret=parse_secret(config.secret),
         bootstrap=config.bootstrap,
+        lanes=False,  # no rooms, so no frames worth a lane: and no second port to open
     )
     wrote_state = False
     try:

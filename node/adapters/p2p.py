@@ -323,6 +323,7 @@ class P2PNode:
         self._laning: set[str] = set()                    # peers a lane is being opened to
         self._no_lane_until: dict[str, float] = {}
         self._lanes_in: dict[str, set[trio.SocketStream]] = {}  # peer -> its open lanes to us
+        self._lane_failed_once: set[str] = set()
         self.host.get_network().register_notifee(_AdmissionNotifee(self))
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_stream)
         self.host.set_stream_handler(DIRECT_PROTOCOL, self._serve_direct_stream)
@@ -979,7 +980,11 @@ class P2PNode:
             self.stats.lanes_opened += 1
             log.info("fast lane to %s open", peer)
         except Exception as exc:
-            log.info("no fast lane to %s: %s", peer, exc)
+            # Said once per peer: a peer without lanes (a bootstrap peer, --no-lanes) is asked
+            # again every LANE_RETRY_S for as long as it is connected.
+            level = logging.DEBUG if peer in self._lane_failed_once else logging.INFO
+            self._lane_failed_once.add(peer)
+            log.log(level, "no fast lane to %s (its direct stream carries our frames): %s", peer, exc)
             self.stats.lane_failures += 1
             self._no_lane_until[peer] = trio.current_time() + LANE_RETRY_S
             if stream is not None:
