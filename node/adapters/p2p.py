@@ -877,7 +877,6 @@ class P2PNode:
         if self.on_frame is not None:
             self.on_frame(room_id, data, peer)
 
-
     # -- fast lanes (lane.py)
 
     async def _listen_for_lanes(self, nursery: trio.Nursery) -> None:
