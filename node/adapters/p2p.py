@@ -168,6 +168,10 @@ _DIRECT_SEEN_MAX = 8192
 # and whenever it fails, the direct stream carries the frames. docs/protocol.md, "Fast lane".
 LANE_PROTOCOL = TProtocol("/sms/lane/1.0.0")
 LANE_RETRY_S = 10.0  # after a peer refused or failed a lane: its direct stream until then
+# Anyone who reaches the lane port can connect; until a connection shows a token it is a stranger's:
+# it gets LANE_TOKEN_WAIT_S to do so, and at most MAX_LANES_WAITING wait at once (more are closed).
+LANE_TOKEN_WAIT_S = 5.0
+MAX_LANES_WAITING = 64
 # A peer whose frames are rejected this many times within STRIKE_WINDOW_S is cut off for CUT_OFF_S.
 MAX_STRIKES = 3  # strikes are only for malformed frames, which no honest sms node sends
 STRIKE_WINDOW_S = 60.0
@@ -324,6 +328,7 @@ class P2PNode:
         self._no_lane_until: dict[str, float] = {}
         self._lanes_in: dict[str, set[trio.SocketStream]] = {}  # peer -> its open lanes to us
         self._lane_failed_once: set[str] = set()
+        self._lanes_waiting = 0  # lane connections that have not shown a token yet
         self.host.get_network().register_notifee(_AdmissionNotifee(self))
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_stream)
         self.host.set_stream_handler(DIRECT_PROTOCOL, self._serve_direct_stream)
@@ -916,11 +921,15 @@ class P2PNode:
         peer = None
         try:
             token = None
-            with trio.move_on_after(fastlane.OFFER_TTL_S):
+            if self._lanes_waiting < MAX_LANES_WAITING:
+                self._lanes_waiting += 1
                 try:
-                    token = await fastlane.receive_exactly(tcp, fastlane.TOKEN_BYTES)
+                    with trio.move_on_after(LANE_TOKEN_WAIT_S):
+                        token = await fastlane.receive_exactly(tcp, fastlane.TOKEN_BYTES)
                 except trio.BrokenResourceError:
                     pass  # closed before its token: refused like a wrong one
+                finally:
+                    self._lanes_waiting -= 1
             offer = self._lane_offers.take(token, trio.current_time()) if token is not None else None
             if offer is None or not self._admitted(offer[0]):
                 self.stats.lanes_refused += 1

@@ -142,3 +142,24 @@ async def test_a_record_that_fails_authentication_strikes_its_sender_and_ends_it
         await tcp.aclose()
         await alice.node.publish(ROOM, b"honest")  # alice's own lane is untouched
         await wait_for(lambda: bob.frames() == [b"honest"], what="the honest frame")
+
+
+async def test_strangers_on_the_lane_port_are_bounded_and_timed_out(monkeypatch):
+    monkeypatch.setattr(p2p, "MAX_LANES_WAITING", 3)
+    monkeypatch.setattr(p2p, "LANE_TOKEN_WAIT_S", 0.5)
+    alice, bob = Peer(lanes=True), Peer(lanes=True)
+    async with mesh(alice, bob):
+        await wait_for(lambda: lanes_open((alice, bob)), what="the lane")
+        port, refused = bob.node.lane_port_bound, bob.node.stats.lanes_refused
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]  # say nothing
+        await wait_for(lambda: bob.node._lanes_waiting == 3, what="three strangers waiting")
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await extra.receive_some(10) == b""  # closed at once: too many waiting
+        for tcp in silent:  # each closed once its time is up
+            with trio.fail_after(5):
+                assert await tcp.receive_some(10) == b""
+        assert bob.node.stats.lanes_refused == refused + 4 and bob.node._lanes_waiting == 0
+        for tcp in silent + [extra]:
+            await tcp.aclose()
+        await alice.node.publish(ROOM, b"still fine")  # the honest lane is untouched
+        await wait_for(lambda: bob.frames() == [b"still fine"], what="the frame")
