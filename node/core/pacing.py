@@ -68,8 +68,8 @@ class FramePacer:
 
     max_rate: float = 1000.0             # frames per second at idle; 0 or less: no cap at all
     # Frames per second at or beyond busy_messages_per_s: above any commit rate CommitPacer lets a
-    # node reach (at most quiet_messages_per_s commits/s while unpaced, 1/max_gap_s = 125/s when
-    # paced), so that every commit leaves in a frame at once. (In a cluster of more than
+    # node reach (one commit per message while unpaced, one per gap when paced: at most ~460/s at
+    # any load, which a unit test checks), so that every commit leaves in a frame at once. (In a cluster of more than
     # REFERENCE_NODES the share below scales it under that: there a commit's messages may wait
     # for a frame again, the price of a cluster-wide frame budget.)
     min_rate: float = 500.0
@@ -132,7 +132,7 @@ class CommitPacer:
     size, and a busy node that commits as fast as it can commits many small batches; measured at
     2,400 sends/s on 3 nodes (docs/benchmarks.md), an 8 ms gap took PostgreSQL from 23% to 19% of
     a core and the nodes from 48% to 45%, and p99 from 110-115 to 94-100 ms. Below the quiet
-    rate the gap would only add latency (8 ms on a lone send), so there is none. The rates were
+    rate the gap would only add latency (the whole gap on a lone send), so there is none. The rates were
     300 and 600 until the frame pacer was made to frame every commit at once (FramePacer.min_rate):
     fewer commits are then also fewer frames, and 150/300 kept the p99s at 400-800 sends/s while
     cutting them at 1,600-3,200 (the module docstring). With fast lanes the nodes had ~25 points of
