@@ -43,7 +43,7 @@ def up(
     pg_port: int = typer.Option(15432, help="Port of the embedded PostgreSQL."),
     log_level: str = typer.Option("info", help="Node log level (debug, info, warning)."),
     retention_days: Optional[float] = typer.Option(None, help="Nodes purge messages older than this many days."),
-    max_frames_per_s: Optional[float] = typer.Option(None, help="Each node's cap on GossipSub frames per second "
+    max_frames_per_s: Optional[float] = typer.Option(None, help="Each node's cap on the frames it publishes per second "
                                                               "when quiet (see `sms node --help`)."),
     min_frames_per_s: Optional[float] = typer.Option(None, help="... and when busy (see `sms node --help`)."),
 ) -> None:
@@ -81,14 +81,15 @@ def node(
     retention_days: Optional[float] = typer.Option(None, help="Purge messages older than this many days."),
     rate_limit: float = typer.Option(200.0, envvar="SMS_RATE_LIMIT",
                                      help="Requests per second per user that change state, cluster-wide (0: off)."),
-    max_frames_per_s: float = typer.Option(1000.0, envvar="SMS_MAX_FRAMES_PER_S", min=0,
-                                           help="Cap on the frames this node publishes per second while it is "
-                                                "quiet (0: no cap). Beyond the cap, messages wait up to 1/cap for the next "
-                                                "frame and share it: lower saves CPU per message, higher adds less latency. With --no-lanes, "
-                                                "200 (and --min-frames-per-s 150) is what was measured best."),
-    min_frames_per_s: float = typer.Option(500.0, envvar="SMS_MIN_FRAMES_PER_S", min=0.1,
-                                           help="The cap once this node handles --busy-messages-per-s or more; in "
-                                                "between it falls linearly from --max-frames-per-s."),
+    max_frames_per_s: Optional[float] = typer.Option(
+        None, envvar="SMS_MAX_FRAMES_PER_S", min=0, show_default="1000 with lanes, 200 with --no-lanes",
+        help="Cap on the frames this node publishes per second while it is quiet (0: no cap). Beyond the "
+             "cap, messages wait up to 1/cap for the next frame and share it: lower saves CPU per message, "
+             "higher adds less latency."),
+    min_frames_per_s: Optional[float] = typer.Option(
+        None, envvar="SMS_MIN_FRAMES_PER_S", min=0.1, show_default="500 with lanes, 150 with --no-lanes",
+        help="The cap once this node handles --busy-messages-per-s or more; in between it falls linearly "
+             "from --max-frames-per-s."),
     busy_messages_per_s: float = typer.Option(600.0, envvar="SMS_BUSY_MESSAGES_PER_S", min=0.1,
                                               help="Messages per second through this node at which the frame cap "
                                                    "reaches --min-frames-per-s."),
@@ -103,6 +104,11 @@ def node(
     lane_port: int = typer.Option(0, envvar="SMS_LANE_PORT", min=0, max=65535,
                                   help="TCP port peers open fast lanes to (0: any free port). Open it between "
                                        "nodes, as the libp2p port: a peer that cannot reach it uses libp2p."),
+    commit_gap_ms: float = typer.Option(4.0, envvar="SMS_COMMIT_GAP_MS", min=0, max=1000,
+                                        help="The most a busy node leaves between two database commits: "
+                                             "none below 300 messages/s through the node, rising to this at "
+                                             "600. Messages arriving meanwhile share the next commit: higher "
+                                             "saves CPU per message, lower adds less latency (0: no gap)."),
     publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
                                             help="Milliseconds the publisher waits after a message before it "
                                                  "frames it, so that messages arriving together share a frame."),
@@ -130,7 +136,7 @@ def node(
             allowed_origins=tuple(allow_origin), max_frames_per_s=max_frames_per_s,
             min_frames_per_s=min_frames_per_s, busy_messages_per_s=busy_messages_per_s,
             publish_window_ms=publish_window_ms, direct_max_peers=direct_max_peers,
-            lanes=lanes, lane_port=lane_port,
+            lanes=lanes, lane_port=lane_port, commit_gap_ms=commit_gap_ms,
         ).validate()
         run_node(config)
     except SmsError as exc:

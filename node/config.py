@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core.pacing import CommitPacer, FRAME_CAPS_LANES, FRAME_CAPS_STREAMS
 from .errors import BadRequest
 
 DEFAULT_HTTP_PORT = 8081
@@ -32,10 +33,14 @@ class NodeConfig:
     publish_window_ms: float = 0.0  # see docs/protocol.md, "Pacing"
     # Frames (bundles) this node publishes per second at most: max at idle, falling to
     # min as the node nears busy_messages_per_s. Under load, messages wait up to 1/rate for the
-    # next frame instead of each costing a frame (node/core/pacing.py).
-    max_frames_per_s: float = 1000.0
-    min_frames_per_s: float = 500.0
+    # next frame instead of each costing a frame (node/core/pacing.py). None: what was measured
+    # best for the frames' carrier (frame_caps: fast lanes or libp2p streams).
+    max_frames_per_s: float | None = None
+    min_frames_per_s: float | None = None
     busy_messages_per_s: float = 600.0
+    # The most a busy node leaves between the starts of two commits (CommitPacer); 0: commit as
+    # soon as the previous commit is done, at any load (lower latency, more CPU per message).
+    commit_gap_ms: float = CommitPacer.max_gap_s * 1000
     # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
     # 0 turns direct push off (docs/protocol.md, "Direct push").
     direct_max_peers: int = 16  # p2p.DIRECT_MAX_PEERS (not imported here: it would load libp2p)
@@ -62,10 +67,12 @@ class NodeConfig:
                 problems.append(f"--bootstrap {addr!r} must be a multiaddr ending in /p2p/PEER_ID")
         if self.retention_days is not None and self.retention_days <= 0:
             problems.append("--retention-days must be positive")
-        if self.max_frames_per_s < 0:
+        if self.max_frames_per_s is not None and self.max_frames_per_s < 0:
             problems.append("--max-frames-per-s must be 0 (no cap) or positive")
-        if not 0 < self.min_frames_per_s:
+        if self.min_frames_per_s is not None and not 0 < self.min_frames_per_s:
             problems.append("--min-frames-per-s must be positive")
+        if not 0 <= self.commit_gap_ms <= 1000:
+            problems.append("--commit-gap-ms must be between 0 (no gap) and 1000")
         if not 0 < self.busy_messages_per_s:
             problems.append("--busy-messages-per-s must be positive")
         if not 0 <= self.lane_port <= 65535 or (self.lane_port and self.lane_port == self.p2p_port):
@@ -81,6 +88,13 @@ class NodeConfig:
         if problems:
             raise BadRequest("invalid node configuration: " + "; ".join(problems))
         return self
+
+    def frame_caps(self) -> tuple[float, float]:
+        """(max, min) frames per second: the ones given, else the defaults for the carrier
+        (cheap frames on fast lanes allow many more than libp2p streams do)."""
+        default_max, default_min = FRAME_CAPS_LANES if self.lanes else FRAME_CAPS_STREAMS
+        return (default_max if self.max_frames_per_s is None else self.max_frames_per_s,
+                default_min if self.min_frames_per_s is None else self.min_frames_per_s)
 
     @property
     def identity_path(self) -> Path:

@@ -558,8 +558,7 @@ class Node:
         """Batch on the hot path: wait out the publish window and the frame pacer, then take
         everything queued meanwhile, one room frame per room (plus the ops frames), all in one
         bundle."""
-        pacer = FramePacer(self.config.max_frames_per_s, self.config.min_frames_per_s,
-                           self.config.busy_messages_per_s)
+        pacer = FramePacer(*self.config.frame_caps(), self.config.busy_messages_per_s)
         async for first in receive:
             await trio.sleep(self.config.publish_window_ms / 1000)
             pacer.set_cluster_size(self.cache.node_count())
@@ -984,6 +983,19 @@ class Node:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "p2p": vars(self.p2p.stats),
             "history": _stats_of(self.history),
+            "pacing": self.pacing(),
+        }
+
+    def pacing(self) -> dict:
+        """What this node paces its frames and commits with (the options, defaults resolved)."""
+        max_frames, min_frames = self.config.frame_caps()
+        return {
+            "lanes": self.config.lanes,
+            "max_frames_per_s": max_frames,
+            "min_frames_per_s": min_frames,
+            "busy_messages_per_s": self.config.busy_messages_per_s,
+            "commit_gap_ms": self.config.commit_gap_ms,
+            "publish_window_ms": self.config.publish_window_ms,
         }
 
     async def serve_health_probes(self) -> None:
@@ -1024,7 +1036,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     secret = parse_secret(config.secret) if config.secret else None
     key_pair = load_or_create_identity(config.identity_path)
-    async with open_history(config.db_dsn, group_commit=config.group_commit, wire=config.db_wire) as history:
+    async with open_history(config.db_dsn, group_commit=config.group_commit, wire=config.db_wire,
+                            commit_gap_s=config.commit_gap_ms / 1000) as history:
         registry = await EtcdRegistry.connect(config.etcd_url)
         try:
             cache = RegistryCache()

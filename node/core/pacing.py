@@ -39,6 +39,12 @@ from .model import Message
 
 REFERENCE_NODES = 3
 
+# (max, min) frames per second a node publishes by default (FramePacer): with frames on fast lanes,
+# above any commit rate; with frames on libp2p streams (--no-lanes), what was measured best there
+# (the module docstring).
+FRAME_CAPS_LANES = (1000.0, 500.0)
+FRAME_CAPS_STREAMS = (200.0, 150.0)
+
 
 @dataclass
 class DecayingRate:
@@ -66,13 +72,13 @@ class FramePacer:
     frame carries many messages, and the CPU saved keeps the queues short). In between the rate
     falls linearly with the message rate, reaching min_rate at busy_messages_per_s."""
 
-    max_rate: float = 1000.0             # frames per second at idle; 0 or less: no cap at all
+    max_rate: float = FRAME_CAPS_LANES[0]  # frames per second at idle; 0 or less: no cap at all
     # Frames per second at or beyond busy_messages_per_s: above any commit rate CommitPacer lets a
     # node reach (one commit per message while unpaced, one per gap when paced: at most ~460/s at
     # any load, which a unit test checks), so that every commit leaves in a frame at once. (In a cluster of more than
     # REFERENCE_NODES the share below scales it under that: there a commit's messages may wait
     # for a frame again, the price of a cluster-wide frame budget.)
-    min_rate: float = 500.0
+    min_rate: float = FRAME_CAPS_LANES[1]
     busy_messages_per_s: float = 600.0
     burst: float = 4.0                   # frames that may go back to back after a quiet spell
     window_s: float = 1.0                # time constant of the message-rate estimate
@@ -140,7 +146,10 @@ class CommitPacer:
     p50 5.5 → 1.1 ms) at 1,600-3,200 unchanged; no gap at all was as fast, for 40 more points of
     node CPU at 1,600 (docs/benchmarks.md). A gap of at most 4 ms instead of 8 then took p99 at
     1,600 sends/s from 15.9 to 9.5-9.9 ms and at 3,200 from 20.6-21.5 to 14.5-15.5 (alternated
-    twice), for ~30 more points of node CPU there, and the sweep still held 6,000 sends/s."""
+    twice), for ~30 more points of node CPU there, and the sweep still held 6,000 sends/s. 2 ms
+(alternated twice at 800/1,600/3,200 sends/s) took p50 at 1,600 from 4.6 to 3.6-3.8 ms but p99
+from 10.1-10.2 to 11.1-13.4 ms, for ~12 more points of node CPU: the processes waited longer for a
+core (run-queue wait 124-126% → 200-208% of a core, summed). `sms node --commit-gap-ms` sets it."""
 
     max_gap_s: float = 0.004
     quiet_messages_per_s: float = 300.0

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import trio
 
-from sms.node.adapters.sql import MIGRATIONS, RetryPolicy, open_history
+from sms.node.adapters.sql import MIGRATIONS, RetryPolicy, SqlHistory, open_history
 from sms.node.errors import Unavailable
 from tests.contracts.history_contract import ROOM, HistoryContract, msg, order, walk_back, walk_forward
 from tests.fakes.history import FakeHistory
@@ -460,3 +460,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_negative_commit_gap_is_refused_before_anything_opens() -> None:
+    with pytest.raises(ValueError, match="commit_gap_s"):
+        SqlHistory("postgresql://postgres@127.0.0.1:1/sms", commit_gap_s=-0.001)

@@ -28,6 +28,8 @@ def test_the_defaults_are_valid():
     (dict(busy_messages_per_s=0.0), "--busy-messages-per-s"),
     (dict(min_frames_per_s=0.0), "--min-frames-per-s"),
     (dict(max_frames_per_s=-1.0), "--max-frames-per-s"),
+    (dict(commit_gap_ms=-1.0), "--commit-gap-ms"),
+    (dict(commit_gap_ms=5000.0), "--commit-gap-ms"),
     (dict(direct_max_peers=-1), "--direct-max-peers"),
     (dict(lane_port=70000), "--lane-port"),
     (dict(lane_port=4101, p2p_port=4101), "--lane-port"),
@@ -44,6 +46,17 @@ def test_every_bad_setting_is_named_at_once():
     with pytest.raises(BadRequest) as err:
         config(publish_window_ms=-1.0, busy_messages_per_s=-2.0).validate()
     assert "--publish-window-ms" in err.value.message and "--busy-messages-per-s" in err.value.message
+
+
+def test_the_frame_caps_follow_the_carrier_unless_given():
+    from sms.node.core.pacing import FRAME_CAPS_LANES, FRAME_CAPS_STREAMS
+
+    assert config().frame_caps() == FRAME_CAPS_LANES  # cheap frames on fast lanes
+    assert config(lanes=False).frame_caps() == FRAME_CAPS_STREAMS  # ~6x the CPU per frame on libp2p
+    assert FRAME_CAPS_STREAMS < FRAME_CAPS_LANES
+    assert config(lanes=False, max_frames_per_s=300.0).frame_caps() == (300.0, FRAME_CAPS_STREAMS[1])
+    assert config(min_frames_per_s=50.0).frame_caps() == (FRAME_CAPS_LANES[0], 50.0)
+    assert config(max_frames_per_s=0.0).validate().frame_caps()[0] == 0.0  # 0: no cap, kept as given
 
 
 def test_direct_push_is_on_by_default_for_clusters_up_to_the_adapters_limit():

@@ -1,0 +1,53 @@
+"""`sms node`'s pacing options reach the node's configuration (run_node replaced: nothing starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sms.cli.main import app
+from sms.node.config import NodeConfig
+from sms.node.core.pacing import FRAME_CAPS_LANES, FRAME_CAPS_STREAMS
+
+BASE = ["node", "--data-dir", "/tmp/sms-cli-test", "--etcd", "http://127.0.0.1:2379",
+        "--db", "postgresql://postgres@127.0.0.1:5432/sms"]
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
+    configs: list[NodeConfig] = []
+    monkeypatch.setattr("sms.node.main.run_node", configs.append)
+    for name in ("SMS_LANES", "SMS_COMMIT_GAP_MS", "SMS_MAX_FRAMES_PER_S", "SMS_MIN_FRAMES_PER_S"):
+        monkeypatch.delenv(name, raising=False)
+    return configs
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, [*BASE, *args], env=env)
+
+
+def test_the_defaults(started: list[NodeConfig]) -> None:
+    assert run().exit_code == 0
+    (config,) = started
+    assert config.lanes and config.frame_caps() == FRAME_CAPS_LANES and config.commit_gap_ms == 4.0
+
+
+def test_without_lanes_the_frame_caps_are_those_measured_for_libp2p_streams(started: list[NodeConfig]) -> None:
+    assert run("--no-lanes").exit_code == 0
+    assert started[0].frame_caps() == FRAME_CAPS_STREAMS
+
+
+def test_options_and_environment_set_the_pacing(started: list[NodeConfig]) -> None:
+    assert run("--no-lanes", "--max-frames-per-s", "300", "--commit-gap-ms", "2").exit_code == 0
+    assert started[0].frame_caps() == (300.0, FRAME_CAPS_STREAMS[1]) and started[0].commit_gap_ms == 2.0
+    assert run(env={"SMS_COMMIT_GAP_MS": "0", "SMS_MIN_FRAMES_PER_S": "250"}).exit_code == 0
+    assert started[1].commit_gap_ms == 0.0 and started[1].frame_caps() == (FRAME_CAPS_LANES[0], 250.0)
+
+
+@pytest.mark.parametrize("args", [("--commit-gap-ms", "-1"), ("--commit-gap-ms", "5000"), ("--max-frames-per-s", "-5")])
+def test_a_bad_value_is_refused_before_the_node_starts(started: list[NodeConfig], args: tuple[str, str]) -> None:
+    result = run(*args)
+    assert result.exit_code != 0 and args[0] in result.output
+    assert started == []
