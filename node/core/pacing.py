@@ -147,9 +147,10 @@ class CommitPacer:
     node CPU at 1,600 (docs/benchmarks.md). A gap of at most 4 ms instead of 8 then took p99 at
     1,600 sends/s from 15.9 to 9.5-9.9 ms and at 3,200 from 20.6-21.5 to 14.5-15.5 (alternated
     twice), for ~30 more points of node CPU there, and the sweep still held 6,000 sends/s. 2 ms
-(alternated twice at 800/1,600/3,200 sends/s) took p50 at 1,600 from 4.6 to 3.6-3.8 ms but p99
-from 10.1-10.2 to 11.1-13.4 ms, for ~12 more points of node CPU: the processes waited longer for a
-core (run-queue wait 124-126% → 200-208% of a core, summed). `sms node --commit-gap-ms` sets it."""
+    (alternated twice at 800/1,600/3,200 sends/s) took p50 at 1,600 from 4.6 to 3.6-3.8 ms but p99
+    from 10.1-10.2 to 11.1-13.4 ms, for ~12 more points of node CPU: the processes waited longer
+    for a core (run-queue wait 124-126% → 200-208% of a core, summed). `sms node --commit-gap-ms`
+    sets it."""
 
     max_gap_s: float = 0.004
     quiet_messages_per_s: float = 300.0
