@@ -21,6 +21,8 @@ from .core.delivery import SeqTracker
 from .core.model import Message
 
 QUEUE_DEPTH = 4096
+# An event for the connection's tracker only (Hub.settle): the gateway applies it and writes nothing.
+SETTLE = "_settle"
 
 
 @dataclass(eq=False)
@@ -81,6 +83,16 @@ class Hub:
         for sub, events in shares.items():
             self._offer_all(sub, events)
 
+    def settle(self, room_id: str, origin: str, upto: int) -> None:
+        """Tells every connection in the room, in order with its events, that nothing more of
+        `origin` up to `upto` will come (sequences history never got: a resent txn id, a refused
+        write). Each connection's tracker, and so its cursor, then closes the hole: kept open, it
+        would list every later sequence of that origin in every cursor."""
+        marker = {"type": SETTLE, "room_id": room_id, "_origin": origin, "_upto": upto}
+        for user_id in self.members_of(room_id):
+            for sub in self._by_user.get(user_id, ()):
+                self._offer_all(sub, [marker], count=False)
+
     def publish_event(self, room_id: str, event: dict) -> None:
         for user_id in self.members_of(room_id):
             for sub in self._by_user.get(user_id, ()):
@@ -90,14 +102,14 @@ class Hub:
         for sub in self._by_user.get(user_id, ()):
             self._offer_all(sub, [event])
 
-    def _offer_all(self, sub: Subscriber, events: list[dict]) -> None:
+    def _offer_all(self, sub: Subscriber, events: list[dict], count: bool = True) -> None:
         if sub.overflowed:
             return
         if sub.write_now is not None and sub.write_now(events):
-            self.delivered += len(events)
+            self.delivered += len(events) if count else 0
             return
         for event in events:
-            self._offer(sub, event)
+            self._offer(sub, event, count)
 
     def close_user(self, user_id: str, reason: str) -> None:
         for sub in list(self._by_user.get(user_id, ())):
@@ -112,12 +124,12 @@ class Hub:
                     sub.closed_reason = reason
                     sub.send.close()
 
-    def _offer(self, sub: Subscriber, event: dict) -> None:
+    def _offer(self, sub: Subscriber, event: dict, count: bool = True) -> None:
         if sub.overflowed:
             return
         try:
             sub.send.send_nowait(event)
-            self.delivered += 1
+            self.delivered += count
         except trio.WouldBlock:
             sub.overflowed = True
             sub.send.close()

@@ -348,7 +348,7 @@ class Node:
             vector = await self.history.version_vector(room_id)
             self.core.set_next_seq(room_id, vector.get(self.core.origin, 0) + 1)
             for origin, seq in vector.items():
-                self.tracker.settle(room_id, origin, seq)
+                self._settle(room_id, origin, seq)
             self._ready_rooms.add(room_id)
 
     async def send(self, user_id: str, room_id: str, txn_id: str, body: object) -> Message:
@@ -416,6 +416,12 @@ class Node:
             i += n
         return follow
 
+    def _settle(self, room_id: str, origin: str, upto: int) -> None:
+        """Nothing more of `origin` up to `upto` will come: closes the holes (burned sequences) in
+        this node's tracker and, in order with their events, in every connection's."""
+        self.tracker.settle(room_id, origin, upto)
+        self.hub.settle(room_id, origin, upto)
+
     def _deliver(self, messages) -> None:
         self.metrics.delivered.inc(len(messages))
         for m in messages:
@@ -448,7 +454,7 @@ class Node:
                     self.tracker.add(room_id, origin, m.seq)
                 if len(batch) < 500:
                     # History holds nothing more up to `upto`: what is still missing was burned.
-                    self.tracker.settle(room_id, origin, upto)
+                    self._settle(room_id, origin, upto)
                     break
         self.repaired += pulled
         return pulled

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 from ..core.delivery import CursorCache, decode_cursor
 from ..core.model import Message
 from ..errors import BadRequest, RateLimited, SmsError, Unauthorized
+from ..hub import SETTLE
 from ..runtime import token_hash
 from . import wsserver
 
@@ -549,9 +550,17 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
+        def settle(event: dict) -> None:  # noqa: RET501 (None: nothing to write)
+            """A hole history will never fill (Hub.settle): closed in this connection's tracker, in
+            order with the messages before it."""
+            sub.tracker.settle(event["room_id"], event["_origin"], event["_upto"])
+            return None
+
         def prepare(event: dict) -> dict | None:
             """The event as this client gets it on its own (a message with its cursor); None for
-            a message it was sent already."""
+            a message it was sent already or a tracker-only event."""
+            if event.get("type") == SETTLE:
+                return settle(event)
             if event.get("type") == "message":
                 if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                     return None  # sent already: exactly once per connection
@@ -564,7 +573,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             sent already. A message event is one dict shared by every connection it goes to, so
             its JSON is made once, by the first of them, and kept in the dict."""
             if event.get("type") != "message":
-                return dumps_bytes(event)
+                return settle(event) if event.get("type") == SETTLE else dumps_bytes(event)
             if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                 return None  # sent already: exactly once per connection
             text = event.get("_json")

@@ -13,6 +13,8 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from sms.node.core.delivery import decode_cursor
+
 from .harness import ClusterProcess, account, auth
 
 pytestmark = pytest.mark.slow
@@ -110,6 +112,45 @@ async def test_a_resent_txn_id_is_one_message_delivered_once(cluster: ClusterPro
             while not any(e.get("body") == "the end" for e in seen):
                 seen += [e for e in events_of(await bob_ws.get_message()) if e.get("type") == "message"]
         assert [e["message_id"] for e in seen if e["body"] == "only once"] == [first["message"]["message_id"]]
+
+
+def cursor_holes(cursor: str) -> int:
+    """How many sequences a cursor lists above its contiguous marks (0: it is compact)."""
+    return sum(len(extra) for origins in decode_cursor(cursor).state().values() for _, extra in origins.values())
+
+
+async def test_a_resent_txn_id_leaves_no_lasting_hole_in_any_cursor(cluster: ClusterProcess) -> None:
+    """A resent txn id takes an origin sequence that history never holds. Once the nodes have
+    settled it from history, every connection's cursor is compact again: a hole kept open would
+    grow each later cursor by one sequence per message (and cost the node CPU per delivery)."""
+    room = await make_room(cluster)
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}&batch=1") as alice_ws, \
+            open_websocket_url(cluster.ws(1) + f"/v1/events?token={room.bob}&batch=1") as bob_ws:
+        await send_frame(alice_ws, room.room_id, "burn", "sent twice")
+        await next_matching(alice_ws, reply_to("burn"))
+        await send_frame(alice_ws, room.room_id, "burn", "sent twice")
+        await next_matching(alice_ws, reply_to("burn"))
+        holes: dict[str, list[int]] = {"alice": [], "bob": []}
+
+        async def read(name: str, ws: WebSocketConnection) -> None:
+            while True:
+                frame = json.loads(await ws.get_message())
+                if "cursor" in frame:
+                    holes[name].append(cursor_holes(frame["cursor"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "alice", alice_ws)
+            nursery.start_soon(read, "bob", bob_ws)
+            for i in range(50):  # bounded: 50 messages, 0.2 s apart
+                await send_frame(alice_ws, room.room_id, f"after-{i}", f"after {i}")
+                await trio.sleep(0.2)
+                if i >= 5 and holes["alice"][-1:] == holes["bob"][-1:] == [0]:
+                    break
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        # The hole showed (later messages came in above it) and was closed by the settle.
+        assert max(holes["bob"]) > 0 and max(holes["alice"]) > 0, holes
+        assert holes["alice"][-1] == holes["bob"][-1] == 0, holes
 
 
 async def test_a_non_member_gets_403_and_the_socket_stays_usable(cluster: ClusterProcess) -> None:

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from sms.node.core.model import Message
-from sms.node.hub import Hub
+from sms.node.hub import SETTLE, Hub
 
 ROOMS = {"r1": ["alice", "bob"], "r2": ["alice"]}
 
@@ -96,3 +96,19 @@ async def test_waits_on_empty_queue_reads_what_trio_reports():
         send.send_nowait("handed over")
         assert not agrees()                   # handed to the waiting task: it no longer waits
     assert got == ["handed over"]
+
+
+def test_a_settle_reaches_the_rooms_connections_in_order_with_their_messages_and_counts_as_no_delivery():
+    h = hub()
+    alice, bob = h.connect("alice"), h.connect("bob")
+    taken: list[list[str]] = []
+    alice.write_now = lambda events: taken.append([e.get("message_id", e["type"]) for e in events]) or True
+    h.deliver([message(1)])
+    h.settle("r1", "node-a", 3)  # sequence 2 never reached history
+    h.deliver([message(4)])
+    h.settle("r2", "node-a", 9)  # alice's room only
+    assert taken == [["m1"], [SETTLE], ["m4"], [SETTLE]]
+    got = queued(bob)
+    assert [e.get("message_id", e["type"]) for e in got] == ["m1", SETTLE, "m4"]
+    assert (got[1]["room_id"], got[1]["_origin"], got[1]["_upto"]) == ("r1", "node-a", 3)
+    assert h.delivered == 4
