@@ -109,6 +109,11 @@ def node(
                                              "none below 300 messages/s through the node, rising to this at "
                                              "600. Messages arriving meanwhile share the next commit: higher "
                                              "saves CPU per message, lower adds less latency (0: no gap)."),
+    early_fanout: bool = typer.Option(False, envvar="SMS_EARLY_FANOUT",
+                                      help="Send a new message to clients and peers while its database commit "
+                                           "runs, not after it; the sender's ack still waits for the commit. "
+                                           "Lower delivery latency, but a message may be seen and not stored "
+                                           "if this node dies within the commit and the sender never retries."),
     publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
                                             help="Milliseconds the publisher waits after a message before it "
                                                  "frames it, so that messages arriving together share a frame."),
@@ -137,6 +142,7 @@ def node(
             min_frames_per_s=min_frames_per_s, busy_messages_per_s=busy_messages_per_s,
             publish_window_ms=publish_window_ms, direct_max_peers=direct_max_peers,
             lanes=lanes, lane_port=lane_port, commit_gap_ms=commit_gap_ms,
+            early_fanout=early_fanout,
         ).validate()
         run_node(config)
     except SmsError as exc:

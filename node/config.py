@@ -48,6 +48,10 @@ class NodeConfig:
     # "Fast lane"), accepted on lane_port of p2p_host (0: any free port).
     lanes: bool = True
     lane_port: int = 0
+    # Fan a new message out to clients and peers while its commit runs (acks still wait for the
+    # commit): lower delivery latency; a message seen may miss history if its node dies within
+    # the commit and its sender does not retry (docs/protocol.md, "Early fan-out").
+    early_fanout: bool = False
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 

@@ -346,7 +346,7 @@ class Node:
             if room_id in self._ready_rooms:
                 return
             vector = await self.history.version_vector(room_id)
-            self.core.set_next_seq(room_id, vector.get(self.core.origin, 0) + 1)
+            self.core.resume_room(room_id, vector.get(self.core.origin, 0))
             for origin, seq in vector.items():
                 self._settle(room_id, origin, seq)
             self._ready_rooms.add(room_id)
@@ -984,6 +984,7 @@ class Node:
             "repaired_messages": self.repaired,
             "repaired_bytes": self.repaired_bytes,
             "synced_messages": self.synced,
+            "sent_before_commit": self.core.sent_before_commit,
             "peer_scores": self.p2p.peer_scores(),
             "health": self.health(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -1001,6 +1002,7 @@ class Node:
             "min_frames_per_s": min_frames,
             "busy_messages_per_s": self.config.busy_messages_per_s,
             "commit_gap_ms": self.config.commit_gap_ms,
+            "early_fanout": self.config.early_fanout,
             "publish_window_ms": self.config.publish_window_ms,
         }
 
@@ -1055,7 +1057,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                         on_change=lambda change: node_ref[0].on_registry_change(change) if node_ref else None,
                     )
                 )
-                core = RoomCore(origin="", clock=HybridClock(), members=_MembershipView(cache))
+                core = RoomCore(origin="", clock=HybridClock(), members=_MembershipView(cache),
+                                early_fanout=config.early_fanout)
                 p2p = P2PNode(
                     key_pair=key_pair,
                     listen_port=config.p2p_port,

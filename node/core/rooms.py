@@ -14,6 +14,14 @@ contract:
                                                                       the database committed; peers and
                                                                       local clients see it after that too
     PersistFailed         Reply(request, error)                       nothing was stored, nothing is sent
+
+With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's Deliver and Publish
+come before its Persist, and PersistCompleted brings only the Reply: clients see the message
+while it commits; the sender still hears back only after the commit. A send whose id the core has
+seen (a retry) and one more than `max_unstored` sequences above the room's highest committed one
+wait for the commit as above. A message that went out and then failed to commit (database refused,
+node died) was seen but is not in history until its sender retries; its sequence is burned, and
+`resume_room` skips `max_unstored` sequences at every start so no later message ever takes it.
     HistoryFetched        Deliver(new messages)                       gap repair; deduplicated
     FrameArrived          Deliver(new messages)                       validated, deduplicated
                           or Reject(peer, reason)                     bad frames are the peer's fault
@@ -150,14 +158,27 @@ class RoomCore:
     clock: HybridClock
     members: MembershipView
     seen_capacity: int = 200_000
+    # Early fan-out: a new message goes to local clients and peers while its commit runs, not
+    # after it (the sender's ack still waits for the commit). Only within max_unstored sequences
+    # of the room's highest committed one: a restart skips that many (resume_room), so no
+    # sequence that may have gone out unstored is ever given to another message.
+    early_fanout: bool = False
+    max_unstored: int = 1024
     _seq: dict[str, int] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _pending: dict[int, Message] = field(default_factory=dict)
+    _fanned: set[int] = field(default_factory=set)  # request ids whose message went out unstored
+    _committed: dict[str, int] = field(default_factory=dict)  # room -> highest own sequence stored
     rejected_frames: int = 0
+    sent_before_commit: int = 0  # messages that went out early (early fan-out)
 
-    def set_next_seq(self, room_id: str, next_seq: int) -> None:
-        """Continue a room's origin sequence after a restart (from what history holds)."""
-        self._seq[room_id] = max(self._seq.get(room_id, 1), next_seq)
+    def resume_room(self, room_id: str, stored_seq: int) -> None:
+        """Continue a room's origin sequence after a (re)start, from the highest one history
+        holds. The next max_unstored are skipped: with early fan-out a previous run may have sent
+        them out unstored, and a peer that saw one would take a new message under it for a copy.
+        (Peers settle skipped sequences from history, as any burned one.)"""
+        self._seq[room_id] = max(self._seq.get(room_id, 1), stored_seq + 1 + self.max_unstored)
+        self._committed[room_id] = max(self._committed.get(room_id, 0), stored_seq)
 
     def step(self, event: Event) -> list[Effect]:
         if isinstance(event, SendRequested):
@@ -166,6 +187,7 @@ class RoomCore:
             return self._persist_completed(event)
         if isinstance(event, PersistFailed):
             self._pending.pop(event.request_id, None)
+            self._fanned.discard(event.request_id)
             return [Reply(event.request_id, error=event.error)]
         if isinstance(event, FrameArrived):
             return self._frame_arrived(event)
@@ -201,11 +223,25 @@ class RoomCore:
             membership_rev=self.members.revision,
         )
         self._pending[ev.request_id] = msg
+        if (self.early_fanout and seq <= self._committed.get(ev.room_id, 0) + self.max_unstored
+                and self._remember(msg.message_id)):
+            # A retried send (an id seen already) waits for its commit: history may hold the original.
+            self._fanned.add(ev.request_id)
+            self.sent_before_commit += 1
+            return [Deliver((msg,)), Publish(msg.room_id, (msg,)), Persist(ev.request_id, (msg,))]
         return [Persist(ev.request_id, (msg,))]
 
     def _persist_completed(self, ev: PersistCompleted) -> list[Effect]:
-        self._pending.pop(ev.request_id, None)
+        sent = self._pending.pop(ev.request_id, None)
         effects: list[Effect] = [Reply(ev.request_id, message=ev.stored[0])]
+        if sent is not None and ev.stored and ev.stored[0] == sent:
+            self._committed[sent.room_id] = max(self._committed.get(sent.room_id, 0), sent.seq)
+        if ev.request_id in self._fanned:
+            self._fanned.discard(ev.request_id)
+            if ev.stored and ev.stored[0] == sent:
+                return effects  # out already, and stored as it went out
+            # History held the original of a send this node had not seen (a retry after the node
+            # forgot it): publish the stored one too, as below (peers dedupe by id).
         new = tuple(m for m in ev.stored if self._remember(m.message_id))
         # A retried send returns the stored original: it is re-published (peers dedupe by id) in case
         # the first attempt died between commit and publish, but local clients saw it already.

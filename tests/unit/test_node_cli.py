@@ -17,7 +17,7 @@ BASE = ["node", "--data-dir", "/tmp/sms-cli-test", "--etcd", "http://127.0.0.1:2
 def started(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
     configs: list[NodeConfig] = []
     monkeypatch.setattr("sms.node.main.run_node", configs.append)
-    for name in ("SMS_LANES", "SMS_COMMIT_GAP_MS", "SMS_MAX_FRAMES_PER_S", "SMS_MIN_FRAMES_PER_S"):
+    for name in ("SMS_LANES", "SMS_COMMIT_GAP_MS", "SMS_EARLY_FANOUT", "SMS_MAX_FRAMES_PER_S", "SMS_MIN_FRAMES_PER_S"):
         monkeypatch.delenv(name, raising=False)
     return configs
 
@@ -30,6 +30,14 @@ def test_the_defaults(started: list[NodeConfig]) -> None:
     assert run().exit_code == 0
     (config,) = started
     assert config.lanes and config.frame_caps() == FRAME_CAPS_LANES and config.commit_gap_ms == 4.0
+    assert not config.early_fanout  # messages go out after their commit unless asked otherwise
+
+
+def test_early_fanout_is_an_option_and_an_environment_variable(started: list[NodeConfig]) -> None:
+    assert run("--early-fanout").exit_code == 0
+    assert run(env={"SMS_EARLY_FANOUT": "1"}).exit_code == 0
+    assert run("--no-early-fanout", env={"SMS_EARLY_FANOUT": "1"}).exit_code == 0
+    assert [c.early_fanout for c in started] == [True, True, False]
 
 
 def test_without_lanes_the_frame_caps_are_those_measured_for_libp2p_streams(started: list[NodeConfig]) -> None:

@@ -104,8 +104,8 @@ def test_origin_sequence_counts_per_room_and_resumes_after_restart() -> None:
     seqs = [send(core, i, room=r, txn=f"t{i}")[0].messages[0].seq for i, r in enumerate(["r1", "r1", "r2"])]
     assert seqs == [1, 2, 1]
     restarted = make_core()
-    restarted.set_next_seq("r1", 42)
-    assert send(restarted, 1)[0].messages[0].seq == 42
+    restarted.resume_room("r1", 41)  # history holds up to 41: the next max_unstored are skipped
+    assert send(restarted, 1)[0].messages[0].seq == 42 + restarted.max_unstored
 
 
 def peer_message(core_origin: str = "peerB", sender: str = "bob", txn: str = "x", ts: int = 2_000 << 16) -> Message:
@@ -173,3 +173,83 @@ def test_mutated_frames_raise_only_frame_errors(noise: bytes) -> None:
         decode_frame(good[:cut] + noise)
     except FrameError:
         pass
+
+
+# -- early fan-out: clients and peers get a new message while its commit runs
+
+
+def make_early_core(max_unstored: int = 1024) -> RoomCore:
+    core = make_core()
+    core.early_fanout, core.max_unstored = True, max_unstored
+    return core
+
+
+def test_early_fanout_sends_a_new_message_out_before_persisting_and_acks_only_after() -> None:
+    core = make_early_core()
+    effects = send(core, 1)
+    assert [type(e) for e in effects] == [Deliver, Publish, Persist]
+    msg = effects[2].messages[0]
+    assert effects[0].messages == (msg,) and effects[1].messages == (msg,)
+    assert core.step(PersistCompleted(1, (msg,))) == [Reply(1, message=msg)]
+    assert core.sent_before_commit == 1
+
+
+def test_early_fanout_holds_a_retry_back_until_history_answers() -> None:
+    core = make_early_core()
+    first = send(core, 1)[2].messages[0]
+    core.step(PersistCompleted(1, (first,)))
+    effects = send(core, 2, now=5_000)  # same txn: history may hold the original, so wait for it
+    assert [type(e) for e in effects] == [Persist]
+    assert [type(e) for e in core.step(PersistCompleted(2, (first,)))] == [Reply, Publish]
+
+
+def test_early_fanout_publishes_the_stored_original_when_history_held_one() -> None:
+    core = make_early_core()
+    sent = send(core, 1)[2].messages[0]
+    original = Message(sent.message_id, "r1", "alice", "hi", 1, "t1", "peerZ", 9, 7)  # stored earlier elsewhere
+    effects = core.step(PersistCompleted(1, (original,)))
+    assert effects == [Reply(1, message=original), Publish("r1", (original,))]
+
+
+def test_early_fanout_waits_for_a_commit_once_max_unstored_sequences_are_out() -> None:
+    core = make_early_core(max_unstored=2)
+    out = [send(core, i, txn=f"t{i}") for i in (1, 2, 3)]
+    assert [type(e[0]) for e in out] == [Deliver, Deliver, Persist]  # seq 3 is beyond 0 stored + 2
+    err = Unavailable("database down")
+    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err)]
+    core.step(PersistCompleted(2, (out[1][2].messages[0],)))  # seq 2 stored: up to 4 may go out
+    assert [type(e) for e in send(core, 4, txn="t4")] == [Deliver, Publish, Persist]  # seq 4
+    assert [type(e) for e in send(core, 5, txn="t5")] == [Persist]  # seq 5
+    assert core.sent_before_commit == 3
+
+
+@given(st.lists(st.sampled_from(["send", "commit", "fail"]), max_size=40), st.integers(0, 50))
+@settings(max_examples=300, deadline=None)
+def test_early_fanout_never_reuses_a_sequence_that_went_out_unstored_across_a_restart(
+        script: list[str], stored_before: int) -> None:
+    """Whatever was sent, stored or refused when the node died, the next run's sequences are all
+    above every one that went out without reaching history."""
+    core = make_early_core(max_unstored=3)
+    core.resume_room("r1", stored_before)
+    waiting: list[tuple[int, Message]] = []
+    out_unstored: set[int] = set()
+    stored = stored_before
+    for i, action in enumerate(script):
+        if action == "send":
+            effects = send(core, i, txn=f"t{i}")
+            msg = effects[-1].messages[0]
+            waiting.append((i, msg))
+            if isinstance(effects[0], Deliver):
+                out_unstored.add(msg.seq)
+        elif waiting:
+            rid, msg = waiting.pop(0)
+            if action == "commit":
+                core.step(PersistCompleted(rid, (msg,)))
+                out_unstored.discard(msg.seq)
+                stored = max(stored, msg.seq)
+            else:
+                core.step(PersistFailed(rid, Unavailable("down")))  # burned; it may have gone out
+    restarted = make_early_core(max_unstored=3)
+    restarted.resume_room("r1", stored)
+    first = send(restarted, 999, txn="after")[-1].messages[0].seq
+    assert all(first > seq for seq in out_unstored)
