@@ -41,9 +41,9 @@ BENCH_RATE_LIMIT = 1_000_000  # sends/s per user in benchmark clusters
 
 @contextmanager
 def local_cluster(nodes: int, work_dir: Path, say: Callable[[str], None] = print,
-                  timeout_s: float = 180.0, etcd_members: int = 1) -> Iterator[dict]:
+                  timeout_s: float = 180.0, etcd_members: int = 1, env: dict[str, str] | None = None) -> Iterator[dict]:
     """Yields cluster.json's content for a fresh `sms up --nodes N --etcd-members M` under
-    work_dir; SIGINT on exit."""
+    work_dir (`env`: added to the nodes' environment); SIGINT on exit."""
     data_dir = work_dir / f"cluster-{nodes}n-{time.strftime('%H%M%S')}"
     data_dir.mkdir(parents=True, exist_ok=True)
     base = free_port_block(2 * nodes + 2 * etcd_members + 1)
@@ -60,7 +60,7 @@ def local_cluster(nodes: int, work_dir: Path, say: Callable[[str], None] = print
     # The per-user rate limit (200 sends/s, cluster-wide) is a policy for people; the benchmark's
     # few senders offer thousands per second between them, so its clusters raise the limit (the
     # check still runs on every send). SMS_RATE_LIMIT in the environment overrides this.
-    env = {**os.environ, "SMS_RATE_LIMIT": os.environ.get("SMS_RATE_LIMIT", str(BENCH_RATE_LIMIT))}
+    env = {**os.environ, "SMS_RATE_LIMIT": os.environ.get("SMS_RATE_LIMIT", str(BENCH_RATE_LIMIT)), **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     try:

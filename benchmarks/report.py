@@ -50,14 +50,14 @@ def summary_table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def versus_nats(doc: dict, baseline: str = "nats") -> list[tuple[float, float, float, float]]:
+def versus_nats(doc: dict, baseline: str = "nats", system: str = "sms") -> list[tuple[float, float, float, float]]:
     """(rate, sms p99, the baseline's p99, ratio) at every rate both systems were measured at."""
     systems = doc["systems"]
-    if "sms" not in systems or baseline not in systems:
+    if system not in systems or baseline not in systems:
         return []
     nats = {p["offered_rate"]: p for p in systems[baseline]["points"]}
     out = []
-    for p in systems["sms"]["points"]:
+    for p in systems[system]["points"]:
         q = nats.get(p["offered_rate"])
         if q and p["delivery_ms"]["p99"] is not None and q["delivery_ms"]["p99"]:
             out.append((p["offered_rate"], p["delivery_ms"]["p99"], q["delivery_ms"]["p99"],
@@ -89,11 +89,13 @@ def _res_names(doc: dict, system: str) -> list[str]:
 def render(doc: dict) -> str:
     parts = [f"result {doc['kind']} of {doc['created']} (git {str(doc['git'].get('commit'))[:10]}"
              f"{', dirty' if doc['git'].get('dirty') else ''})", "", summary_table(doc), "", points_table(doc)]
-    for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write")):
-        vs = versus_nats(doc, baseline)
-        if vs:
-            parts += ["", f"| offered/s | sms p99 ms | {title} p99 ms | sms / {title} |", "|---:|---:|---:|---:|"]
-            parts += [f"| {_f(r, 2)} | {_f(a)} | {_f(b)} | {_f(x, 2)} |" for r, a, b, x in vs]
+    for system in ("sms", "sms-early"):
+        for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write")):
+            vs = versus_nats(doc, baseline, system)
+            if vs:
+                parts += ["", f"| offered/s | {system} p99 ms | {title} p99 ms | {system} / {title} |",
+                          "|---:|---:|---:|---:|"]
+                parts += [f"| {_f(r, 2)} | {_f(a)} | {_f(b)} | {_f(x, 2)} |" for r, a, b, x in vs]
     if "sms" in doc["systems"]:
         parts += ["", "sms processes (CPU % of one core / RSS):", "", resources_table(doc, "sms")]
     return "\n".join(parts)

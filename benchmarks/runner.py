@@ -185,10 +185,11 @@ def metrics_delta(before: list[dict], after: list[dict]) -> dict:
 
 
 async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say,
-                     users: int | None = None, profile: dict | None = None, send_via: str = "ws") -> dict:
+                     users: int | None = None, profile: dict | None = None, send_via: str = "ws",
+                     name: str = "sms") -> dict:
     """Runs points against a running cluster. profile={"rate": R, "dir": Path} runs py-spy on node 0
     during the point at rate R (or the last point). send_via: "ws" (send frames on the events
-    socket) or "http" (PUT)."""
+    socket) or "http" (PUT). `name` labels the points (sms-early: nodes with --early-fanout)."""
     from .sms_client import SmsTransport
 
     plan = client_plan(workload, len(cluster["nodes"]))
@@ -229,7 +230,7 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
             await quiet(transport)
             return p
 
-        result = await drive(run_rate, policy, rates, say, "sms", groups)
+        result = await drive(run_rate, policy, rates, say, name, groups)
         if profiles:
             result["profiles"] = profiles
         result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients, "send_via": send_via,

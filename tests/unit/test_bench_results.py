@@ -87,3 +87,17 @@ def test_report_tables_and_the_nats_comparison():
     doc["systems"]["nats-fsync"]["points"][0]["delivery_ms"]["p99"] = 4.0
     assert versus_nats(doc, "nats-fsync") == [(100, 1.0, 4.0, 0.25)]
     assert "| sms / NATS, fsync per write |" in render(doc)
+
+
+def test_report_compares_sms_with_early_fanout_with_nats_too():
+    from sms.benchmarks.report import render, versus_nats
+
+    doc = sweep_doc()
+    doc["systems"]["sms-early"] = {"points": [pt(100, True)], "max_sustained_rate": 100}
+    doc["systems"]["sms-early"]["points"][0]["delivery_ms"]["p99"] = 0.75
+    assert "sms-early / NATS" not in render(doc)  # nothing to compare with yet
+    doc["systems"]["nats"] = {"points": [pt(100, True)], "max_sustained_rate": 100}
+    doc["systems"]["nats"]["points"][0]["delivery_ms"]["p99"] = 0.5
+    assert versus_nats(doc, "nats", "sms-early") == [(100, 0.75, 0.5, 1.5)]
+    text = render(doc)
+    assert "| sms / NATS |" in text and "| sms-early / NATS |" in text and "| sms-early | 100 |" in text
