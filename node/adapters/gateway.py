@@ -550,17 +550,17 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
-        def settle(event: dict) -> None:  # noqa: RET501 (None: nothing to write)
+        def settle(event: dict) -> None:
             """A hole history will never fill (Hub.settle): closed in this connection's tracker, in
-            order with the messages before it."""
+            order with the messages before it. Nothing is written to the client."""
             sub.tracker.settle(event["room_id"], event["_origin"], event["_upto"])
-            return None
 
         def prepare(event: dict) -> dict | None:
             """The event as this client gets it on its own (a message with its cursor); None for
             a message it was sent already or a tracker-only event."""
             if event.get("type") == SETTLE:
-                return settle(event)
+                settle(event)
+                return None
             if event.get("type") == "message":
                 if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                     return None  # sent already: exactly once per connection
@@ -572,8 +572,11 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             """The event's JSON as this client gets it inside a batch; None for a message it was
             sent already. A message event is one dict shared by every connection it goes to, so
             its JSON is made once, by the first of them, and kept in the dict."""
+            if event.get("type") == SETTLE:
+                settle(event)
+                return None
             if event.get("type") != "message":
-                return settle(event) if event.get("type") == SETTLE else dumps_bytes(event)
+                return dumps_bytes(event)
             if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
                 return None  # sent already: exactly once per connection
             text = event.get("_json")

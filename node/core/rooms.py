@@ -14,6 +14,9 @@ contract:
                                                                       the database committed; peers and
                                                                       local clients see it after that too
     PersistFailed         Reply(request, error)                       nothing was stored, nothing is sent
+    HistoryFetched        Deliver(new messages)                       gap repair; deduplicated
+    FrameArrived          Deliver(new messages)                       validated, deduplicated
+                          or Reject(peer, reason)                     bad frames are the peer's fault
 
 With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's Deliver and Publish
 come before its Persist, and PersistCompleted brings only the Reply: clients see the message
@@ -22,9 +25,6 @@ seen (a retry) and one more than `max_unstored` sequences above the room's highe
 wait for the commit as above. A message that went out and then failed to commit (database refused,
 node died) was seen but is not in history until its sender retries; its sequence is burned, and
 `resume_room` skips `max_unstored` sequences at every start so no later message ever takes it.
-    HistoryFetched        Deliver(new messages)                       gap repair; deduplicated
-    FrameArrived          Deliver(new messages)                       validated, deduplicated
-                          or Reject(peer, reason)                     bad frames are the peer's fault
 
 Messages are deduplicated by id (ids are derived from room, sender and txn_id, so a retried send
 names the same message on every node). Authorization asks a `MembershipView`, which is the node's
