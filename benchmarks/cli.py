@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
         refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
         max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
-        baselines: str = typer.Option("nats,nats-fsync,gossipsub", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub, sms-early (sms on a second fresh cluster whose nodes run --early-fanout) ('' for none)."),
+        baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-early", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub, sms-early (sms on a second fresh cluster whose nodes run --early-fanout) ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
