@@ -16,7 +16,14 @@ import pytest
 import trio
 
 from .harness import ClusterProcess, allocate_ports
-from .test_message_plane import Listener, full_history, send_many, setup_room, wait_for
+from .test_message_plane import (
+    Listener,
+    a_thousand_concurrent_messages_arrive_exactly_once,
+    full_history,
+    send_many,
+    setup_room,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,27 +44,7 @@ async def statuses(http: httpx.AsyncClient, cluster: ClusterProcess) -> list[dic
 
 async def test_with_early_fanout_a_thousand_concurrent_messages_arrive_exactly_once(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
-        room, users = await setup_room(cluster, http)
-        listeners = [Listener([cluster.http(i)], users[i][1]) for i in range(3)]
-        async with trio.open_nursery() as nursery:
-            for l in listeners:
-                await nursery.start(l.run)
-            sent: list[str] = []
-
-            async def sender(i: int) -> None:
-                sent.extend(await send_many(http, cluster.http(i), room, users[i][1], f"e{i}", 334 if i < 2 else 332))
-
-            async with trio.open_nursery() as senders:
-                for i in range(3):
-                    senders.start_soon(sender, i)
-            assert len(sent) == len(set(sent)) == 1000
-            await wait_for(listeners, set(sent), 60)
-            nursery.cancel_scope.cancel()
-        for l in listeners:
-            assert len(l.ids()) == len(set(l.ids())), "a client saw a message twice"
-            assert set(l.ids()) == set(sent), f"missing {len(set(sent) - set(l.ids()))}"
-        histories = [await full_history(http, cluster.http(i), room, users[i][1]) for i in range(3)]
-        assert histories[0] == histories[1] == histories[2] and set(histories[0]) == set(sent)
+        await a_thousand_concurrent_messages_arrive_exactly_once(cluster, http)
         for status in await statuses(http, cluster):
             assert status["pacing"]["early_fanout"] is True
             assert status["sent_before_commit"] > 0  # the messages did go out before their commits
