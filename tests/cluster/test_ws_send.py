@@ -334,3 +334,32 @@ async def test_sends_written_back_to_back_share_database_trips_and_each_is_answe
     assert all(by_txn[t]["type"] == "ack" for t in acked), [by_txn[t] for t in acked if by_txn[t]["type"] != "ack"]
     assert len({by_txn[t]["message"]["message_id"] for t in acked}) == len(acked)
     assert await appends() - before <= n / 2, "sends written together were not carried out together"
+    # A connection's sends keep their order: each later one has a later place in history.
+    stamps = [by_txn[t]["message"]["ts"] for t in acked]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+
+
+async def test_a_connections_sends_keep_their_order_while_earlier_ones_commit(cluster: ClusterProcess) -> None:
+    """Sends written one at a time, each while earlier ones are still committing (the node takes
+    a group in before the next, and does not wait for its commit): history and every recipient
+    see them in the order they were sent."""
+    room = await make_room(cluster)
+    n = 60
+    async with open_websocket_url(cluster.ws(0) + f"/v1/events?token={room.alice}&batch=1") as alice_ws, \
+            open_websocket_url(cluster.ws(1) + f"/v1/events?token={room.bob}&batch=1") as bob_ws:
+        for i in range(n):
+            await send_frame(alice_ws, room.room_id, f"ord-{i}", f"in order {i}")
+            await trio.sleep(0.001)
+        seen: list[dict] = []
+        with trio.fail_after(30):
+            while len(seen) < n:
+                seen += [e for e in events_of(await bob_ws.get_message())
+                         if e.get("type") == "message" and e["body"].startswith("in order ")]
+    bodies = [f"in order {i}" for i in range(n)]
+    stamps = {e["body"]: e["ts"] for e in seen}
+    assert sorted(stamps) == sorted(bodies) and len(seen) == n
+    assert [stamps[b] for b in bodies] == sorted(stamps.values()), "a later send got an earlier place in history"
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.get(cluster.http(2) + f"/v1/rooms/{room.room_id}/messages", params={"limit": 500},
+                           headers=auth(room.bob))
+    assert [m["body"] for m in r.json()["messages"] if m["body"].startswith("in order ")] == bodies
