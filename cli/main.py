@@ -46,6 +46,9 @@ def up(
     max_frames_per_s: Optional[float] = typer.Option(None, help="Each node's cap on the frames it publishes per second "
                                                               "when quiet (see `sms node --help`)."),
     min_frames_per_s: Optional[float] = typer.Option(None, help="... and when busy (see `sms node --help`)."),
+    early_fanout: bool = typer.Option(False, "--early-fanout",
+                                      help="Every node sends a message on while its commit runs, not after it "
+                                           "(lower latency; see `sms node --help` and docs/protocol.md)."),
 ) -> None:
     """Start a local cluster: embedded etcd + PostgreSQL and N nodes. Ctrl-C stops it all."""
     from sms.bootstrap.up import UpOptions, up as run_up
@@ -54,6 +57,7 @@ def up(
         data_dir=data_dir, nodes=nodes, http_port=http_port, p2p_port=p2p_port, etcd_url=etcd,
         db_dsn=db, etcd_port=etcd_port, etcd_members=etcd_members, pg_port=pg_port, log_level=log_level,
         retention_days=retention_days, max_frames_per_s=max_frames_per_s, min_frames_per_s=min_frames_per_s,
+        early_fanout=early_fanout,
     )
     try:
         run_up(opts, lambda line: typer.echo(line))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ class ClusterProcess:
     info: dict | None = None
     output_path: Path | None = None
     etcd_members: int = 1
-    env: dict[str, str] | None = None  # added to this process's environment for `sms up` and its nodes
+    up_args: tuple[str, ...] = ()  # more `sms up` options
 
     def start(self, timeout_s: float = 120) -> dict:
         cluster_json = self.data_dir / "cluster.json"
@@ -41,11 +40,10 @@ class ClusterProcess:
             "--data-dir", str(self.data_dir),
             "--http-port", str(self.ports["http"]), "--p2p-port", str(self.ports["p2p"]),
             "--etcd-port", str(self.ports["etcd"]), "--pg-port", str(self.ports["pg"]),
-            "--etcd-members", str(self.etcd_members),
+            "--etcd-members", str(self.etcd_members), *self.up_args,
         ]
         with open(self.output_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env} if self.env else None)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while not cluster_json.exists():
             if self.proc.poll() is not None:

@@ -1,5 +1,5 @@
 """Early fan-out (`sms node --early-fanout`, docs/protocol.md "Early fan-out") against a real 3-node
-`sms up` whose nodes all run with it: messages still reach every member exactly once and every
+`sms up --early-fanout`: messages still reach every member exactly once and every
 node's history is the same, and a sending node killed mid-stream loses no acknowledged message,
 and its messages after the restart reach everyone. (That a restart never reuses a sequence that
 went out unstored, which a kill here hits only by chance, is a property test of the core:
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     c = ClusterProcess(data_dir=tmp_path_factory.mktemp("early_fanout"), nodes=3, ports=allocate_ports(3),
-                       env={"SMS_EARLY_FANOUT": "1"})
+                       up_args=("--early-fanout",))
     c.start()
     yield c
     if c.proc is not None and c.proc.poll() is None:
