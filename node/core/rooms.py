@@ -234,11 +234,12 @@ class RoomCore:
     def _persist_completed(self, ev: PersistCompleted) -> list[Effect]:
         sent = self._pending.pop(ev.request_id, None)
         effects: list[Effect] = [Reply(ev.request_id, message=ev.stored[0])]
-        if sent is not None and ev.stored and ev.stored[0] == sent:
+        stored_as_sent = sent is not None and bool(ev.stored) and ev.stored[0] == sent
+        if stored_as_sent:
             self._committed[sent.room_id] = max(self._committed.get(sent.room_id, 0), sent.seq)
         if ev.request_id in self._fanned:
             self._fanned.discard(ev.request_id)
-            if ev.stored and ev.stored[0] == sent:
+            if stored_as_sent:
                 return effects  # out already, and stored as it went out
             # History held the original of a send this node had not seen (a retry after the node
             # forgot it): publish the stored one too, as below (peers dedupe by id).
