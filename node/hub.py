@@ -21,7 +21,7 @@ from .core.delivery import SeqTracker
 from .core.model import Message
 
 QUEUE_DEPTH = 4096
-# An event for the connection's tracker only (Hub.settle): the gateway applies it and writes nothing.
+# An event for the connection's tracker only (Hub.burn): the gateway applies it and writes nothing.
 SETTLE = "_settle"
 
 
@@ -83,12 +83,16 @@ class Hub:
         for sub, events in shares.items():
             self._offer_all(sub, events)
 
-    def settle(self, room_id: str, origin: str, upto: int) -> None:
-        """Tells every connection in the room, in order with its events, that nothing more of
-        `origin` up to `upto` will come (sequences history never got: a resent txn id, a refused
-        write). Each connection's tracker, and so its cursor, then closes the hole: kept open, it
-        would list every later sequence of that origin in every cursor."""
-        marker = {"type": SETTLE, "room_id": room_id, "_origin": origin, "_upto": upto}
+    def burn(self, room_id: str, origin: str, ranges: list[tuple[int, int]]) -> None:
+        """Tells every connection in the room, in order with its events, that these sequences of
+        `origin` (inclusive (lo, hi) runs) will never come as live events: history never got them
+        (a resent txn id, a refused write, the skip at a node's start), or they are history from
+        before the node readied the room. Each connection's tracker, and so its cursor, then
+        closes the hole: kept open, it would list every later sequence of that origin in every
+        cursor."""
+        if not ranges:
+            return
+        marker = {"type": SETTLE, "room_id": room_id, "_origin": origin, "_ranges": ranges}
         for user_id in self.members_of(room_id):
             for sub in self._by_user.get(user_id, ()):
                 self._offer_all(sub, [marker], count=False)

@@ -43,7 +43,7 @@ from .registry_feed import serve_node_registration, serve_registry_cache
 from .adapters.p2p import BUNDLE_ROOM, P2PNode, load_or_create_identity, parse_secret
 from .adapters.sql import open_history
 from .config import NodeConfig
-from .core.delivery import SeqTracker
+from .core.delivery import SeqTracker, missing_ranges
 from .core.envelope import (
     KIND_EDITS,
     KIND_MESSAGES,
@@ -171,6 +171,7 @@ class Node:
     db_ok: bool = False
     tracker: SeqTracker = field(default_factory=SeqTracker)
     _ready_rooms: set[str] = field(default_factory=set)
+    _start_points: dict[tuple[str, str], int] = field(default_factory=dict)  # (room, origin) -> seq
     _room_locks: dict[str, trio.Lock] = field(default_factory=dict)
     _repair_wanted: trio.Event = field(default_factory=trio.Event)
     repaired: int = 0
@@ -347,9 +348,25 @@ class Node:
                 return
             vector = await self.history.version_vector(room_id)
             self.core.resume_room(room_id, vector.get(self.core.origin, 0))
+            # Where this node starts, not what it has delivered: messages up to the vector may
+            # still be on their way to it, so connections are not settled here (their trackers
+            # would drop those as sent already); each takes the start point below its first
+            # message of that origin instead (start_point).
             for origin, seq in vector.items():
-                self._settle(room_id, origin, seq)
+                lowest = self.tracker.lowest(room_id, origin)
+                if lowest is not None and min(seq, lowest - 1) > 0:
+                    # Messages of this origin were delivered before the room was ready, to
+                    # connections that had no start point then: give them the one below the
+                    # first of those (what is older is history).
+                    self.hub.burn(room_id, origin, [(1, min(seq, lowest - 1))])
+                self.tracker.settle(room_id, origin, seq)
+                self._start_points[(room_id, origin)] = seq
             self._ready_rooms.add(room_id)
+
+    def start_point(self, room_id: str, origin: str) -> int:
+        """The highest sequence of `origin` that history held when this node readied the room:
+        older messages are history, not live events (0: none, or the room is not ready)."""
+        return self._start_points.get((room_id, origin), 0)
 
     async def send(self, user_id: str, room_id: str, txn_id: str, body: object) -> Message:
         [outcome] = await self.send_many(user_id, [(room_id, txn_id, body)])
@@ -416,12 +433,6 @@ class Node:
             i += n
         return follow
 
-    def _settle(self, room_id: str, origin: str, upto: int) -> None:
-        """Nothing more of `origin` up to `upto` will come: closes the holes (burned sequences) in
-        this node's tracker and, in order with their events, in every connection's."""
-        self.tracker.settle(room_id, origin, upto)
-        self.hub.settle(room_id, origin, upto)
-
     def _deliver(self, messages) -> None:
         self.metrics.delivered.inc(len(messages))
         for m in messages:
@@ -442,8 +453,11 @@ class Node:
         for origin, upto in vector.items():
             if origins is not None and origin not in origins:
                 continue
-            while self.tracker.contiguous(room_id, origin) < upto:
-                after = self.tracker.contiguous(room_id, origin)
+            start = after = self.tracker.contiguous(room_id, origin)
+            if start >= upto:
+                continue
+            held: list[int] = []
+            while True:
                 batch = await self.history.messages_after(room_id, origin, after, 500)
                 self.repaired_bytes += sum(len(m.body.encode()) + 96 for m in batch)  # ~row size
                 for effect in self.core.step(HistoryFetched(tuple(batch))):
@@ -452,10 +466,15 @@ class Node:
                         self._deliver(effect.messages)
                 for m in batch:
                     self.tracker.add(room_id, origin, m.seq)
-                if len(batch) < 500:
-                    # History holds nothing more up to `upto`: what is still missing was burned.
-                    self._settle(room_id, origin, upto)
+                held += [m.seq for m in batch]
+                if len(batch) < 500 or batch[-1].seq >= upto:
                     break
+                after = batch[-1].seq  # not the tracker's mark: it stays below a burned sequence
+            # History holds nothing more up to `upto`: what is still missing was burned. Each
+            # connection is told exactly which sequences those are (never a range that may hold
+            # a message still on its way), in order with the messages delivered before.
+            self.tracker.settle(room_id, origin, upto)
+            self.hub.burn(room_id, origin, missing_ranges(start, upto, held))
         self.repaired += pulled
         return pulled
 
@@ -1033,6 +1052,8 @@ class Node:
             for room_id in joined - rooms:
                 self._ready_rooms.discard(room_id)
                 self.tracker.drop_room(room_id)
+                for key in [k for k in self._start_points if k[0] == room_id]:
+                    del self._start_points[key]
             joined = rooms
             await trio.sleep(0.05)
 

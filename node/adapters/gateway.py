@@ -551,9 +551,23 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
         def settle(event: dict) -> None:
-            """A hole history will never fill (Hub.settle): closed in this connection's tracker, in
-            order with the messages before it. Nothing is written to the client."""
-            sub.tracker.settle(event["room_id"], event["_origin"], event["_upto"])
+            """Holes history will never fill (Hub.burn): closed in this connection's tracker, in
+            order with the messages before them. Nothing is written to the client."""
+            for lo, hi in event["_ranges"]:
+                sub.tracker.add_range(event["room_id"], event["_origin"], lo, hi)
+
+        def take(event: dict) -> bool:
+            """Records a message in this connection's tracker; False if it was sent already. The
+            first message of an origin in a room starts the tracker at the node's start point
+            for it (below this message): older ones are history, and a connection made before
+            the node readied the room would otherwise keep a hole there in every cursor."""
+            room_id, origin, seq = event["room_id"], event["_origin"], event["_seq"]
+            tracker = sub.tracker
+            if not tracker.knows(room_id, origin):
+                start = min(node.start_point(room_id, origin), seq - 1)
+                if start > 0:
+                    tracker.settle(room_id, origin, start)
+            return tracker.add(room_id, origin, seq)
 
         def prepare(event: dict) -> dict | None:
             """The event as this client gets it on its own (a message with its cursor); None for
@@ -562,7 +576,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 settle(event)
                 return None
             if event.get("type") == "message":
-                if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
+                if not take(event):
                     return None  # sent already: exactly once per connection
                 event = {k: v for k, v in event.items() if k[0] != "_"}
                 event["cursor"] = cursors.encode(sub.tracker)
@@ -577,7 +591,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 return None
             if event.get("type") != "message":
                 return dumps_bytes(event)
-            if not sub.tracker.add(event["room_id"], event["_origin"], event["_seq"]):
+            if not take(event):
                 return None  # sent already: exactly once per connection
             text = event.get("_json")
             if text is None:

@@ -82,6 +82,30 @@ class SeqTracker:
             else:
                 self._extra.pop(key, None)
 
+    def add_range(self, room_id: str, origin: str, lo: int, hi: int) -> None:
+        """Records lo..hi (inclusive) as done: sequences that will never come (burned)."""
+        key = (room_id, origin)
+        c = self._contiguous.get(key, 0)
+        if lo <= c + 1:
+            if hi > c:
+                self.settle(room_id, origin, hi)  # contiguous from here: the fast path
+            return
+        extra = self._extra.setdefault(key, set())
+        extra.update(range(lo, hi + 1))
+
+    def lowest(self, room_id: str, origin: str) -> int | None:
+        """The lowest sequence of `origin` recorded in this room (None: nothing)."""
+        key = (room_id, origin)
+        if self._contiguous.get(key, 0) > 0:
+            return 1
+        extra = self._extra.get(key)
+        return min(extra) if extra else None
+
+    def knows(self, room_id: str, origin: str) -> bool:
+        """Anything of `origin` in this room has been recorded."""
+        key = (room_id, origin)
+        return key in self._contiguous or key in self._extra
+
     def contiguous(self, room_id: str, origin: str) -> int:
         return self._contiguous.get((room_id, origin), 0)
 
@@ -143,6 +167,20 @@ class SeqTracker:
                 if entry[1]:
                     tracker._extra[(room, origin)] = set(entry[1])
         return tracker
+
+
+def missing_ranges(after: int, upto: int, held: list[int]) -> list[tuple[int, int]]:
+    """The runs of sequences in after+1..upto that `held` (what history returned) lacks, as
+    inclusive (lo, hi) pairs, in order."""
+    ranges: list[tuple[int, int]] = []
+    prev = after
+    for seq in sorted(s for s in set(held) if after < s <= upto):
+        if seq > prev + 1:
+            ranges.append((prev + 1, seq - 1))
+        prev = seq
+    if upto > prev:
+        ranges.append((prev + 1, upto))
+    return ranges
 
 
 def encode_cursor(tracker: SeqTracker) -> str:

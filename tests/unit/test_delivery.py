@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sms.node.core.delivery import CursorCache, SeqTracker, decode_cursor, encode_cursor
+from sms.node.core.delivery import CursorCache, SeqTracker, decode_cursor, encode_cursor, missing_ranges
 from sms.node.errors import BadRequest
 
 
@@ -63,3 +63,41 @@ def test_bad_cursors_are_client_errors(bad: str) -> None:
     else:
         with pytest.raises(BadRequest):
             decode_cursor(bad)
+
+
+@given(st.integers(0, 30), st.integers(0, 60), st.lists(st.integers(0, 80), max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_missing_ranges_are_exactly_what_history_lacks_above_the_mark(after: int, upto: int, held: list[int]) -> None:
+    ranges = missing_ranges(after, upto, held)
+    covered = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    assert covered == sorted(set(range(after + 1, upto + 1)) - set(held))  # in order, each once
+    assert all(lo <= hi for lo, hi in ranges)
+    assert all(a[1] + 1 < b[0] for a, b in zip(ranges, ranges[1:]))  # maximal runs
+
+
+@given(st.lists(st.integers(1, 40), max_size=30), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 8)), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_add_range_marks_exactly_those_sequences(delivered: list[int], burned: list[tuple[int, int]]) -> None:
+    t = SeqTracker()
+    model: set[int] = set()
+    for seq in delivered:
+        t.add("r", "o", seq)
+        model.add(seq)
+    for lo, length in burned:
+        t.add_range("r", "o", lo, lo + length)
+        model.update(range(lo, lo + length + 1))
+    assert all(t.seen("r", "o", s) == (s in model) for s in range(1, 60))
+    c = 0
+    while c + 1 in model:
+        c += 1
+    assert t.contiguous("r", "o") == c
+
+
+def test_lowest_is_the_first_sequence_recorded() -> None:
+    t = SeqTracker()
+    assert t.lowest("r", "o") is None and not t.knows("r", "o")
+    t.add("r", "o", 1030)
+    t.add("r", "o", 1026)
+    assert t.lowest("r", "o") == 1026 and t.knows("r", "o")
+    t.settle("r", "o", 5)
+    assert t.lowest("r", "o") == 1

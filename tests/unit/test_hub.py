@@ -98,17 +98,18 @@ async def test_waits_on_empty_queue_reads_what_trio_reports():
     assert got == ["handed over"]
 
 
-def test_a_settle_reaches_the_rooms_connections_in_order_with_their_messages_and_counts_as_no_delivery():
+def test_burned_sequences_reach_the_rooms_connections_in_order_with_their_messages_and_count_as_no_delivery():
     h = hub()
     alice, bob = h.connect("alice"), h.connect("bob")
     taken: list[list[str]] = []
     alice.write_now = lambda events: taken.append([e.get("message_id", e["type"]) for e in events]) or True
     h.deliver([message(1)])
-    h.settle("r1", "node-a", 3)  # sequence 2 never reached history
+    h.burn("r1", "node-a", [(2, 2)])  # sequence 2 never reached history
     h.deliver([message(4)])
-    h.settle("r2", "node-a", 9)  # alice's room only
+    h.burn("r2", "node-a", [(5, 8)])  # alice's room only
+    h.burn("r1", "node-a", [])  # nothing burned: nothing sent
     assert taken == [["m1"], [SETTLE], ["m4"], [SETTLE]]
     got = queued(bob)
     assert [e.get("message_id", e["type"]) for e in got] == ["m1", SETTLE, "m4"]
-    assert (got[1]["room_id"], got[1]["_origin"], got[1]["_upto"]) == ("r1", "node-a", 3)
+    assert (got[1]["room_id"], got[1]["_origin"], got[1]["_ranges"]) == ("r1", "node-a", [(2, 2)])
     assert h.delivered == 4
