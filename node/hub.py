@@ -22,7 +22,7 @@ from .core.model import Message
 
 QUEUE_DEPTH = 4096
 # An event for the connection's tracker only (Hub.burn): the gateway applies it and writes nothing.
-SETTLE = "_settle"
+BURNED = "_burned"
 
 
 @dataclass(eq=False)
@@ -92,7 +92,7 @@ class Hub:
         cursor."""
         if not ranges:
             return
-        marker = {"type": SETTLE, "room_id": room_id, "_origin": origin, "_ranges": ranges}
+        marker = {"type": BURNED, "room_id": room_id, "_origin": origin, "_ranges": ranges}
         for user_id in self.members_of(room_id):
             for sub in self._by_user.get(user_id, ()):
                 self._offer_all(sub, [marker], count=False)

@@ -25,7 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 from ..core.delivery import CursorCache, decode_cursor
 from ..core.model import Message
 from ..errors import BadRequest, RateLimited, SmsError, Unauthorized
-from ..hub import SETTLE
+from ..hub import BURNED
 from ..runtime import token_hash
 from . import wsserver
 
@@ -550,7 +550,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         sub = node.hub.connect(user_id, token_hash(token or ""))
         rooms = {room.room_id for room, _ in node.rooms_of(user_id)}
 
-        def settle(event: dict) -> None:
+        def close_holes(event: dict) -> None:
             """Holes history will never fill (Hub.burn): closed in this connection's tracker, in
             order with the messages before them. Nothing is written to the client."""
             for lo, hi in event["_ranges"]:
@@ -572,8 +572,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         def prepare(event: dict) -> dict | None:
             """The event as this client gets it on its own (a message with its cursor); None for
             a message it was sent already or a tracker-only event."""
-            if event.get("type") == SETTLE:
-                settle(event)
+            if event.get("type") == BURNED:
+                close_holes(event)
                 return None
             if event.get("type") == "message":
                 if not take(event):
@@ -586,8 +586,8 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             """The event's JSON as this client gets it inside a batch; None for a message it was
             sent already. A message event is one dict shared by every connection it goes to, so
             its JSON is made once, by the first of them, and kept in the dict."""
-            if event.get("type") == SETTLE:
-                settle(event)
+            if event.get("type") == BURNED:
+                close_holes(event)
                 return None
             if event.get("type") != "message":
                 return dumps_bytes(event)

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from sms.node.core.model import Message
-from sms.node.hub import SETTLE, Hub
+from sms.node.hub import BURNED, Hub
 
 ROOMS = {"r1": ["alice", "bob"], "r2": ["alice"]}
 
@@ -108,8 +108,8 @@ def test_burned_sequences_reach_the_rooms_connections_in_order_with_their_messag
     h.deliver([message(4)])
     h.burn("r2", "node-a", [(5, 8)])  # alice's room only
     h.burn("r1", "node-a", [])  # nothing burned: nothing sent
-    assert taken == [["m1"], [SETTLE], ["m4"], [SETTLE]]
+    assert taken == [["m1"], [BURNED], ["m4"], [BURNED]]
     got = queued(bob)
-    assert [e.get("message_id", e["type"]) for e in got] == ["m1", SETTLE, "m4"]
+    assert [e.get("message_id", e["type"]) for e in got] == ["m1", BURNED, "m4"]
     assert (got[1]["room_id"], got[1]["_origin"], got[1]["_ranges"]) == ("r1", "node-a", [(2, 2)])
     assert h.delivered == 4
