@@ -353,14 +353,20 @@ class Node:
             # would drop those as sent already); each takes the start point below its first
             # message of that origin instead (start_point).
             for origin, seq in vector.items():
+                start = seq
                 lowest = self.tracker.lowest(room_id, origin)
-                if lowest is not None and min(seq, lowest - 1) > 0:
-                    # Messages of this origin were delivered before the room was ready, to
-                    # connections that had no start point then: give them the one below the
-                    # first of those (what is older is history).
-                    self.hub.burn(room_id, origin, [(1, min(seq, lowest - 1))])
-                self.tracker.settle(room_id, origin, seq)
-                self._start_points[(room_id, origin)] = seq
+                if lowest is not None:
+                    # Messages of this origin were delivered before the room was ready: the start
+                    # point goes below the first of them (what is older is history), and what
+                    # lies between is repaired as any gap. Connections, which had no start point
+                    # then, get it too.
+                    start = min(seq, lowest - 1)
+                    if start > 0:
+                        self.hub.burn(room_id, origin, [(1, start)])
+                self.tracker.settle(room_id, origin, start)
+                self._start_points[(room_id, origin)] = start
+            if self.tracker.has_gaps(room_id):
+                self._repair_wanted.set()
             self._ready_rooms.add(room_id)
 
     def start_point(self, room_id: str, origin: str) -> int:
