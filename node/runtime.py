@@ -60,6 +60,7 @@ from .core.envelope import (
     encode_ops,
     split_into_bundles,
 )
+from .core.custody import Custody
 from .core.pacing import FramePacer, chunk_messages
 from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
@@ -72,6 +73,7 @@ from .core.rooms import (
     Effect,
     FrameArrived,
     HistoryFetched,
+    KeepUnstored,
     Persist,
     PersistCompleted,
     PersistFailed,
@@ -140,6 +142,11 @@ class Metrics:
             "sms_persist_seconds", "Send persist latency", registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
         )
+        self.custody_stored = Counter(
+            "sms_custody_stored_total",
+            "Messages sent early that this node wrote to history outside their commit (custody)",
+            registry=r,
+        )
         self.gc_pause = Histogram(
             "sms_gc_pause_seconds", "How long each garbage collection stopped the node", ["generation"],
             registry=r, buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
@@ -185,6 +192,11 @@ class Node:
     _offline_reported: set[str] = field(default_factory=set)
     nursery: trio.Nursery | None = None
     limiter: RateLimiter | None = None
+    # Messages sent early (by peers, or by this node when a commit failed) kept until history
+    # surely has them (node/core/custody.py); rooms whose stored mark peers have not heard yet.
+    custody: Custody = field(default_factory=Custody)
+    _marks_owed: set[str] = field(default_factory=set)
+    custody_stored: int = 0  # messages this node wrote to history for their origin (serve_custody)
     # Frames the validator decoded and checked, by content, so delivery does not redo the work.
     _checked_frames: "OrderedDict[bytes, Frame]" = field(default_factory=OrderedDict)
 
@@ -420,6 +432,9 @@ class Node:
                 elif isinstance(effect, Reject):
                     self.metrics.frames_rejected.inc()
                     log.info("rejected frame from %s: %s", effect.peer, effect.reason)
+                elif isinstance(effect, KeepUnstored):
+                    # Clients saw them: written again by serve_custody until history has them.
+                    self.custody.hold(effect.messages, wall_ms() - self.custody.hold_ms)
             queue = await self._persist(persists) if persists else []
         return replies
 
@@ -431,6 +446,8 @@ class Node:
         except SmsError as err:
             return [e for p in persists for e in self.core.step(PersistFailed(p.request_id, err))]
         self.metrics.persist_s.observe(time.perf_counter() - t0)
+        if self.config.early_fanout:
+            self._marks_owed.update(m.room_id for m in stored)
         follow: list[Effect] = []
         i = 0
         for p in persists:
@@ -610,13 +627,83 @@ class Node:
                     frames.append(item)
             pacer.note_messages(sum(len(m) for m in by_room.values()), trio.current_time())
             frames[:0] = [
-                encode_frame(room_id, self.p2p.peer_id, chunk)
+                encode_frame(room_id, self.p2p.peer_id, chunk, self._stored_mark(room_id))
                 for room_id, messages in by_room.items()
-                for chunk in chunk_messages(messages)
+                for chunk in (chunk_messages(messages) or [[]])  # [[]]: a stored mark alone
             ]
             for group in split_into_bundles(frames):
                 await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group))
                 self.metrics.frames_out.inc()
+
+    def _stored_mark(self, room_id: str) -> tuple[int, int] | None:
+        """With early fan-out, what a room frame tells peers about this node's stored sequence
+        (node/core/custody.py); once framed, the mark is no longer owed."""
+        if not self.config.early_fanout:
+            return None
+        self._marks_owed.discard(room_id)
+        return self.core.stored_mark(room_id)
+
+    async def serve_marks(self, every_s: float = 0.05) -> None:
+        """With early fan-out: a room whose commit completed and whose next frame has not gone
+        within every_s gets a frame with its stored mark alone, so that peers stop keeping its
+        messages long before they would write them themselves (Custody.hold_ms). Under load the
+        mark rides in the room's next message frame instead."""
+        if not self.config.early_fanout:
+            return
+        while True:
+            await trio.sleep(every_s)
+            owed, self._marks_owed = self._marks_owed, set()
+            for room_id in owed:
+                self._enqueue_publish(Publish(room_id, ()))
+
+    async def serve_custody(self, every_s: float = 1.0) -> None:
+        """Writes to history the messages sent early that no stored mark covered in time (their
+        origin died or its write failed), and this node's own early messages whose commit failed.
+        Appends are idempotent, so a message its origin did store after all is stored once."""
+        while True:
+            await trio.sleep(every_s)
+            due = self.custody.due(wall_ms())
+            if not due:
+                continue
+            stored: list[Message] = []
+            try:
+                stored = await self._store_in_custody(due)
+            except SmsError as err:
+                log.warning("could not yet store %d messages sent before their commit (%s); "
+                            "trying again in %.0f s", len(due), err.message, every_s)
+            if stored:
+                self.custody_stored += len(stored)
+                self.metrics.custody_stored.inc(len(stored))
+                log.info("wrote %d messages sent early to history: no stored mark covered them in time",
+                         len(stored))
+
+    async def _store_in_custody(self, due: list[Message]) -> list[Message]:
+        """Appends `due`, and lets go of what history then holds. A message the database refuses
+        for what it is (not for being unavailable) is let go with an error: it must not keep the
+        others out; Unavailable propagates (everything is tried again later)."""
+        try:
+            await self.history.append(due)
+            stored = due
+        except Unavailable:
+            raise
+        except SmsError:
+            stored = []
+            for m in due:  # find the message at fault
+                try:
+                    await self.history.append([m])
+                    stored.append(m)
+                except Unavailable:
+                    raise
+                except SmsError as err:
+                    log.error("history refused message %s of room %s sent early (%s); letting it go",
+                              m.message_id, m.room_id, err.message)
+                    self._release_custody([m])
+        self._release_custody(stored)
+        return stored
+
+    def _release_custody(self, messages: list[Message]) -> None:
+        self.custody.stored(messages)
+        self.core.note_stored([m for m in messages if m.origin == self.core.origin])
 
     # -- edits, deletions, typing, read markers, presence
 
@@ -881,12 +968,19 @@ class Node:
         if frame.kind != KIND_MESSAGES:
             self._on_ops(frame)
             return
-        for effect in self.core.step(FrameArrived(frame, author, wall_ms(), checked=checked)):
+        now = wall_ms()
+        rejected = False
+        for effect in self.core.step(FrameArrived(frame, author, now, checked=checked)):
             if isinstance(effect, Deliver):
                 self._deliver(effect.messages)
             elif isinstance(effect, Reject):
+                rejected = True
                 self.metrics.frames_rejected.inc()
                 log.info("rejected frame from %s: %s", effect.peer, effect.reason)
+        if frame.stored_mark is not None and not rejected and frame.origin != self.core.origin:
+            # Sent before its commit: kept until its origin's stored mark covers it.
+            self.custody.mark(frame.room_id, frame.origin, *frame.stored_mark)
+            self.custody.hold(frame.messages, now)
 
     def _on_ops(self, frame: Frame) -> None:
         now = wall_ms()
@@ -1010,6 +1104,7 @@ class Node:
             "repaired_bytes": self.repaired_bytes,
             "synced_messages": self.synced,
             "sent_before_commit": self.core.sent_before_commit,
+            "custody": {"held": self.custody.held, "stored": self.custody_stored},
             "peer_scores": self.p2p.peer_scores(),
             "health": self.health(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -1130,6 +1225,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 )
                 await nursery.start(p2p.serve)
                 nursery.start_soon(node.serve_publisher, receive)
+                nursery.start_soon(node.serve_marks)
+                nursery.start_soon(node.serve_custody)
                 nursery.start_soon(node.serve_health_probes)
                 nursery.start_soon(node.serve_room_joins)
                 nursery.start_soon(node.serve_repair)

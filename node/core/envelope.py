@@ -5,7 +5,9 @@ Room frames travel inside *bundles* on the cluster-wide bundle topic:
 pacing tick carrying every room's frame of that tick, so the number of GossipSub frames a node
 sends is bounded whatever the number of rooms or messages (docs/protocol.md, "Bundles").
 
-A frame is `VERSION byte || msgpack([kind, room_id, origin, [message tuples...]])`. One frame
+A frame is `VERSION byte || msgpack([kind, room_id, origin, [message tuples...]])`; a messages
+frame sent before its messages were stored (early fan-out) adds a fifth element, its origin's
+stored mark for the room `[low, high]` (node/core/custody.py), and may then carry no message. One frame
 carries every message a node accepted for one room within one publish window, because py-libp2p's
 GossipSub costs ~1.4-3.7 ms of CPU per frame whatever its size (docs/protocol.md).
 
@@ -50,6 +52,7 @@ class Frame:
     origin: str
     messages: tuple[Message, ...] = ()
     ops: tuple[tuple, ...] = ()  # the items of the non-message kinds, validated per kind
+    stored_mark: tuple[int, int] | None = None  # (low, high) of the origin's own sequence stored
 
 
 def encode_ops(kind: int, room_id: str, origin: str, ops: list[tuple] | tuple[tuple, ...]) -> bytes:
@@ -87,8 +90,9 @@ def _decode_op(kind: int, item: object) -> tuple:
     raise FrameError(f"unknown frame kind {kind!r}")
 
 
-def encode_frame(room_id: str, origin: str, messages: list[Message] | tuple[Message, ...]) -> bytes:
-    body = [
+def encode_frame(room_id: str, origin: str, messages: list[Message] | tuple[Message, ...],
+                 stored_mark: tuple[int, int] | None = None) -> bytes:
+    body: list = [
         KIND_MESSAGES,
         room_id,
         origin,
@@ -97,6 +101,8 @@ def encode_frame(room_id: str, origin: str, messages: list[Message] | tuple[Mess
             for m in messages
         ],
     ]
+    if stored_mark is not None:
+        body.append(list(stored_mark))
     return bytes([VERSION]) + msgpack.packb(body, use_bin_type=True)
 
 
@@ -112,8 +118,8 @@ def _int(value: object, what: str) -> int:
     return value
 
 
-def _unpack(data: bytes, what: str, version: int, cap: int, length: int) -> list:
-    """`version byte || msgpack(list of `length`)` under `cap` bytes, or FrameError."""
+def _unpack(data: bytes, what: str, version: int, cap: int, length: int, longest: int = 0) -> list:
+    """`version byte || msgpack(list of `length` to `longest`)` under `cap` bytes, or FrameError."""
     if len(data) > cap:
         raise FrameError(f"{what} of {len(data)} bytes is over the {cap} cap")
     if not data or data[0] != version:
@@ -122,13 +128,13 @@ def _unpack(data: bytes, what: str, version: int, cap: int, length: int) -> list
         body = msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises many unrelated types on garbage
         raise FrameError(f"undecodable {what}: {type(exc).__name__}") from None
-    if not isinstance(body, list) or len(body) != length:
+    if not isinstance(body, list) or not length <= len(body) <= max(length, longest):
         raise FrameError(f"{what} is not a {length}-list")
     return body
 
 
 def decode_frame(data: bytes) -> Frame:
-    kind, room_id, origin, items = _unpack(data, "frame", VERSION, MAX_FRAME_BYTES, 4)
+    kind, room_id, origin, items, *rest = _unpack(data, "frame", VERSION, MAX_FRAME_BYTES, 4, 5)
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind!r}")
     room_id = _str(room_id, "room id")
@@ -136,7 +142,18 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(items, list) or len(items) > MAX_MESSAGES_PER_FRAME:
         raise FrameError("bad item list")
     if kind != KIND_MESSAGES:
+        if rest:
+            raise FrameError("a stored mark on a frame of another kind than messages")
         return Frame(kind=kind, room_id=room_id, origin=origin, ops=tuple(_decode_op(kind, i) for i in items))
+    stored_mark = None
+    if rest:
+        mark = rest[0]
+        if not isinstance(mark, list) or len(mark) != 2:
+            raise FrameError("bad stored mark")
+        low, high = _int(mark[0], "stored mark"), _int(mark[1], "stored mark")
+        if low < 1:
+            raise FrameError("bad stored mark")
+        stored_mark = (low, high)
     messages = []
     for item in items:
         if not isinstance(item, list) or len(item) != 7:
@@ -158,7 +175,7 @@ def decode_frame(data: bytes) -> Frame:
                 membership_rev=_int(rev, "membership revision"),
             )
         )
-    return Frame(kind=kind, room_id=room_id, origin=origin, messages=tuple(messages))
+    return Frame(kind=kind, room_id=room_id, origin=origin, messages=tuple(messages), stored_mark=stored_mark)
 
 
 def encode_bundle(origin: str, frames: list[bytes]) -> bytes:

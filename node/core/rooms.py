@@ -14,6 +14,7 @@ contract:
                                                                       the database committed; peers and
                                                                       local clients see it after that too
     PersistFailed         Reply(request, error)                       nothing was stored, nothing is sent
+                          (+ KeepUnstored([msg]) if it went out early)  see below
     HistoryFetched        Deliver(new messages)                       gap repair; deduplicated
     FrameArrived          Deliver(new messages)                       validated, deduplicated
                           or Reject(peer, reason)                     bad frames are the peer's fault
@@ -22,9 +23,13 @@ With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's D
 come before its Persist, and PersistCompleted brings only the Reply: clients see the message
 while it commits; the sender still hears back only after the commit. A send whose id the core has
 seen (a retry) and one more than `max_unstored` sequences above the room's highest committed one
-wait for the commit as above. A message that went out and then failed to commit (database refused,
-node died) was seen but is not in history until its sender retries; its sequence is burned, and
-`resume_room` skips `max_unstored` sequences at every start so no later message ever takes it.
+wait for the commit as above. `stored_mark(room)` is the range of the room's own sequence this run has
+stored without a gap: frames sent early carry it, and peers keep every message above it until a later
+mark covers it, writing it to history themselves if none does in time (node/core/custody.py). A
+message that went out and then failed to commit comes back as KeepUnstored: the node keeps it in
+the same custody and writes it again until history has it (`note_stored`); until then the mark
+stays below it. `resume_room` skips `max_unstored` sequences at every start, so no sequence that
+may have gone out unstored is ever given to another message.
 
 Messages are deduplicated by id (ids are derived from room, sender and txn_id, so a retried send
 names the same message on every node). Authorization asks a `MembershipView`, which is the node's
@@ -133,7 +138,14 @@ class Reject:
     reason: str
 
 
-Effect = Union[Persist, Reply, Deliver, Publish, Reject]
+@dataclass(frozen=True, slots=True)
+class KeepUnstored:
+    """Messages that went out early and then failed to commit: to be written again until stored."""
+
+    messages: tuple[Message, ...]
+
+
+Effect = Union[Persist, Reply, Deliver, Publish, Reject, KeepUnstored]
 
 
 def validate_body(body: object) -> str:
@@ -169,6 +181,9 @@ class RoomCore:
     _pending: dict[int, Message] = field(default_factory=dict)
     _fanned: set[int] = field(default_factory=set)  # request ids whose message went out unstored
     _committed: dict[str, int] = field(default_factory=dict)  # room -> highest own sequence stored
+    # room -> seq -> own message that went out early and is not stored yet (ascending seqs)
+    _unstored: dict[str, dict[int, Message]] = field(default_factory=dict)
+    _run_low: dict[str, int] = field(default_factory=dict)  # room -> first sequence of this run
     rejected_frames: int = 0
     sent_before_commit: int = 0  # messages that went out early (early fan-out)
 
@@ -178,7 +193,27 @@ class RoomCore:
         them out unstored, and a peer that saw one would take a new message under it for a copy.
         (Peers settle skipped sequences from history, as any burned one.)"""
         self._seq[room_id] = max(self._seq.get(room_id, 1), stored_seq + 1 + self.max_unstored)
+        self._run_low.setdefault(room_id, self._seq[room_id])
         self._committed[room_id] = max(self._committed.get(room_id, 0), stored_seq)
+
+    def stored_mark(self, room_id: str) -> tuple[int, int]:
+        """(low, high): every own sequence of the room from low to high is in history or was never
+        sent (a message waiting for its commit goes out only after it). Frames sent early carry
+        it, so peers keep only what lies outside it (node/core/custody.py). low is this run's
+        first sequence: below it, what a previous run sent early is not vouched for."""
+        low = self._run_low.get(room_id, 1)
+        unstored = self._unstored.get(room_id)
+        if unstored:
+            return low, next(iter(unstored)) - 1
+        return low, self._seq.get(room_id, 1) - 1
+
+    def note_stored(self, messages: list[Message] | tuple[Message, ...]) -> None:
+        """Own messages that went out early are now in history (their commit, or a later write of
+        one whose commit failed)."""
+        for m in messages:
+            unstored = self._unstored.get(m.room_id)
+            if unstored is not None and unstored.pop(m.seq, None) is not None and not unstored:
+                del self._unstored[m.room_id]
 
     def step(self, event: Event) -> list[Effect]:
         if isinstance(event, SendRequested):
@@ -186,9 +221,12 @@ class RoomCore:
         if isinstance(event, PersistCompleted):
             return self._persist_completed(event)
         if isinstance(event, PersistFailed):
-            self._pending.pop(event.request_id, None)
-            self._fanned.discard(event.request_id)
-            return [Reply(event.request_id, error=event.error)]
+            sent = self._pending.pop(event.request_id, None)
+            effects: list[Effect] = [Reply(event.request_id, error=event.error)]
+            if event.request_id in self._fanned and sent is not None:
+                self._fanned.discard(event.request_id)
+                effects.append(KeepUnstored((sent,)))  # seen by clients: it stays below the mark
+            return effects
         if isinstance(event, FrameArrived):
             return self._frame_arrived(event)
         if isinstance(event, HistoryFetched):
@@ -227,6 +265,7 @@ class RoomCore:
                 and self._remember(msg.message_id)):
             # A retried send (an id seen already) waits for its commit: history may hold the original.
             self._fanned.add(ev.request_id)
+            self._unstored.setdefault(ev.room_id, {})[seq] = msg
             self.sent_before_commit += 1
             return [Deliver((msg,)), Publish(msg.room_id, (msg,)), Persist(ev.request_id, (msg,))]
         return [Persist(ev.request_id, (msg,))]
@@ -239,6 +278,9 @@ class RoomCore:
             self._committed[sent.room_id] = max(self._committed.get(sent.room_id, 0), sent.seq)
         if ev.request_id in self._fanned:
             self._fanned.discard(ev.request_id)
+            if sent is not None:
+                # Stored, or history held the original under its id: either way in history.
+                self.note_stored([sent])
             if stored_as_sent:
                 return effects  # out already, and stored as it went out
             # History held the original of a send this node had not seen (a retry after the node

@@ -76,6 +76,10 @@ class ClusterProcess:
         assert self.info is not None
         return self.info["nodes"][i]["http"]
 
+    def pid(self, i: int) -> int:
+        """Node i's process id now (`sms up` rewrites cluster.json when it restarts a node)."""
+        return json.loads((self.data_dir / "cluster.json").read_text())["nodes"][i]["pid"]
+
     def ws(self, i: int) -> str:
         return self.http(i).replace("http://", "ws://")
 

@@ -1,7 +1,8 @@
 """Early fan-out (`sms node --early-fanout`, docs/protocol.md "Early fan-out") against a real 3-node
 `sms up --early-fanout`: messages still reach every member exactly once and every
 node's history is the same, and a sending node killed mid-stream loses no acknowledged message,
-and its messages after the restart reach everyone. (That a restart never reuses a sequence that
+and its messages after the restart reach everyone; and a message clients saw from a node that
+died before storing it is written to history by the peers that saw it (custody). (That a restart never reuses a sequence that
 went out unstored, which a kill here hits only by chance, is a property test of the core:
 tests/unit/test_rooms_core.py.)"""
 
@@ -12,6 +13,7 @@ import signal
 import time
 
 import httpx
+import psycopg
 import pytest
 import trio
 
@@ -44,10 +46,17 @@ async def statuses(http: httpx.AsyncClient, cluster: ClusterProcess) -> list[dic
 
 async def test_with_early_fanout_a_thousand_concurrent_messages_arrive_exactly_once(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
+        stored_before = [s["custody"]["stored"] for s in await statuses(http, cluster)]
         await a_thousand_concurrent_messages_arrive_exactly_once(cluster, http)
         for status in await statuses(http, cluster):
             assert status["pacing"]["early_fanout"] is True
             assert status["sent_before_commit"] > 0  # the messages did go out before their commits
+        # Every commit's stored mark reached the peers, which let go of what they kept without
+        # writing any of it themselves (custody writes only after holding a message 5 s).
+        with trio.fail_after(15):
+            while any(s["custody"]["held"] for s in await statuses(http, cluster)):
+                await trio.sleep(0.1)
+        assert [s["custody"]["stored"] for s in await statuses(http, cluster)] == stored_before
 
 
 async def test_a_killed_sending_node_loses_no_acknowledged_message(cluster: ClusterProcess) -> None:
@@ -87,3 +96,54 @@ async def test_a_killed_sending_node_loses_no_acknowledged_message(cluster: Clus
                 assert len(l.ids()) == len(set(l.ids())), f"client {i} saw a message twice"
         histories = [await full_history(http, cluster.http(i), room, users[i][1]) for i in range(3)]
         assert histories[0] == histories[1] == histories[2] and set(acked) <= set(histories[0])
+
+
+async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_stored_by_a_peer(
+        cluster: ClusterProcess) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        room, users = await setup_room(cluster, http)
+        hdr = {"Authorization": f"Bearer {users[0][1]}"}
+        # After a start a room's first message waits for its commit; later ones may go out early.
+        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
+        assert first.status_code == 200
+        watcher = Listener([cluster.http(1)], users[1][1])
+
+        async def stored_by_peers() -> int:  # nodes 1 and 2 (node 0 is about to die)
+            return sum([(await http.get(cluster.http(i) + "/v1/status")).json()["custody"]["stored"] for i in (1, 2)])
+
+        before = await stored_by_peers()
+        # Writes to the messages table now wait: node 0's commit of the next message cannot finish.
+        lock = psycopg.connect(cluster.info["db"])
+        try:
+            lock.execute("LOCK TABLE messages IN SHARE MODE")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watcher.run)
+
+                async def doomed_send() -> None:
+                    try:  # never acknowledged: its node dies first, and it is not retried
+                        await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/doomed",
+                                       json={"body": "seen, never committed by its node"}, headers=hdr)
+                    except httpx.HTTPError:
+                        pass
+
+                nursery.start_soon(doomed_send)
+                with trio.fail_after(20):
+                    while not any(e["body"] == "seen, never committed by its node" for e in watcher.events):
+                        await trio.sleep(0.02)
+                os.kill(cluster.pid(0), signal.SIGKILL)
+                await trio.sleep(0.5)
+                # The dead node's INSERT still waits in PostgreSQL, which would run it once the lock
+                # goes: end it, as a node that died before its write reached the database.
+                ended = lock.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query ILIKE '%insert into messages%'").fetchone()[0]
+                assert ended >= 1, "node 0's write was not waiting on the lock"
+                lock.rollback()
+                doomed = next(e for e in watcher.events if e["body"] == "seen, never committed by its node")
+                with trio.fail_after(30):  # custody writes it after its hold (5 s)
+                    while doomed["message_id"] not in await full_history(http, cluster.http(1), room, users[1][1]):
+                        await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+        finally:
+            lock.close()
+        assert await stored_by_peers() >= before + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from sms.node.core.model import MAX_BODY_BYTES, Message, message_id_for
 from sms.node.core.rooms import (
     Deliver,
     FrameArrived,
+    KeepUnstored,
     Persist,
     PersistCompleted,
     PersistFailed,
@@ -155,6 +157,26 @@ def test_frames_round_trip(items: list[tuple[str, str]]) -> None:
     assert frame.room_id == "r" and list(frame.messages) == messages
 
 
+def test_a_frame_sent_early_carries_its_origins_stored_mark_even_alone() -> None:
+    frame = decode_frame(encode_frame("r", "o", [peer_message()], (1025, 1030)))
+    assert frame.stored_mark == (1025, 1030) and len(frame.messages) == 1
+    alone = decode_frame(encode_frame("r", "o", [], (1025, 1031)))
+    assert alone.stored_mark == (1025, 1031) and alone.messages == ()
+    assert decode_frame(encode_frame("r", "o", [peer_message()])).stored_mark is None
+
+
+@pytest.mark.parametrize("mark", [[0, 5], [-1, 5], [1], [1, 2, 3], "1-5", [1, "5"], [True, 5], None])
+def test_a_bad_stored_mark_is_the_peers_fault(mark: object) -> None:
+    body = [1, "r", "o", [], mark]
+    with pytest.raises(FrameError, match="stored mark"):
+        decode_frame(bytes([1]) + msgpack.packb(body))
+
+
+def test_a_stored_mark_on_a_frame_of_another_kind_is_refused() -> None:
+    with pytest.raises(FrameError, match="stored mark"):
+        decode_frame(bytes([1]) + msgpack.packb([3, "r", "o", [], [1, 2]]))
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_frames_raise_only_frame_errors(data: bytes) -> None:
@@ -216,7 +238,7 @@ def test_early_fanout_waits_for_a_commit_once_max_unstored_sequences_are_out() -
     out = [send(core, i, txn=f"t{i}") for i in (1, 2, 3)]
     assert [type(e[0]) for e in out] == [Deliver, Deliver, Persist]  # seq 3 is beyond 0 stored + 2
     err = Unavailable("database down")
-    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err)]
+    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored(out[0][2].messages)]
     core.step(PersistCompleted(2, (out[1][2].messages[0],)))  # seq 2 stored: up to 4 may go out
     assert [type(e) for e in send(core, 4, txn="t4")] == [Deliver, Publish, Persist]  # seq 4
     assert [type(e) for e in send(core, 5, txn="t5")] == [Persist]  # seq 5
@@ -253,3 +275,78 @@ def test_early_fanout_never_reuses_a_sequence_that_went_out_unstored_across_a_re
     restarted.resume_room("r1", stored)
     first = send(restarted, 999, txn="after")[-1].messages[0].seq
     assert all(first > seq for seq in out_unstored)
+
+
+# -- stored marks: what frames sent early tell peers (node/core/custody.py)
+
+
+def test_the_stored_mark_stays_below_an_early_message_until_its_commit() -> None:
+    core = make_early_core()
+    core.resume_room("r1", 10)  # this run starts at 11 + 1024
+    assert core.stored_mark("r1") == (1035, 1034)  # nothing of this run yet
+    [persist] = send(core, 1, txn="a")  # a room's first message after a start waits for its commit
+    assert core.stored_mark("r1") == (1035, 1035)  # not out before its commit: nothing to keep
+    core.step(PersistCompleted(1, persist.messages))
+    first = send(core, 2, txn="b")[2].messages[0]
+    second = send(core, 3, txn="c")[2].messages[0]
+    assert (first.seq, second.seq) == (1036, 1037)
+    assert core.stored_mark("r1") == (1035, 1035)
+    core.step(PersistCompleted(3, (second,)))  # the later one commits first: still a gap below
+    assert core.stored_mark("r1") == (1035, 1035)
+    core.step(PersistCompleted(2, (first,)))
+    assert core.stored_mark("r1") == (1035, 1037)
+
+
+def test_an_early_message_whose_commit_failed_holds_the_mark_until_written_again() -> None:
+    core = make_early_core()  # never resumed: this run starts at sequence 1
+    failed = send(core, 1, txn="a")[2].messages[0]
+    later = send(core, 2, txn="b")[2].messages[0]
+    err = Unavailable("database down")
+    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored((failed,))]
+    core.step(PersistCompleted(2, (later,)))
+    assert core.stored_mark("r1") == (failed.seq, failed.seq - 1)
+    core.note_stored([failed])  # custody wrote it
+    assert core.stored_mark("r1") == (failed.seq, later.seq)
+
+
+def test_a_message_that_waited_for_its_commit_does_not_hold_the_mark() -> None:
+    core = make_core()  # no early fan-out: nothing goes out unstored
+    core.resume_room("r1", 0)
+    msg = send(core, 1)[0].messages[0]
+    assert core.stored_mark("r1") == (msg.seq, msg.seq)  # never sent before its commit
+    assert [type(e) for e in core.step(PersistFailed(1, Unavailable("down")))] == [Reply]
+
+
+@given(st.lists(st.sampled_from(["send", "commit", "fail", "rewrite"]), max_size=50), st.integers(0, 50))
+@settings(max_examples=300, deadline=None)
+def test_the_stored_mark_never_vouches_for_a_message_that_went_out_unstored(
+        script: list[str], stored_before: int) -> None:
+    core = make_early_core(max_unstored=4)
+    core.resume_room("r1", stored_before)
+    waiting: list[tuple[int, Message]] = []
+    kept: list[Message] = []
+    out_unstored: set[int] = set()
+    previous = core.stored_mark("r1")
+    for i, action in enumerate(script):
+        if action == "send":
+            effects = send(core, i, txn=f"t{i}")
+            waiting.append((i, effects[-1].messages[0]))
+            if isinstance(effects[0], Deliver):
+                out_unstored.add(effects[0].messages[0].seq)
+        elif action == "rewrite" and kept:
+            msg = kept.pop(0)
+            core.note_stored([msg])
+            out_unstored.discard(msg.seq)
+        elif waiting and action in ("commit", "fail"):
+            rid, msg = waiting.pop(0)
+            if action == "commit":
+                core.step(PersistCompleted(rid, (msg,)))
+                out_unstored.discard(msg.seq)
+            else:
+                kept += [m for e in core.step(PersistFailed(rid, Unavailable("down")))
+                         if isinstance(e, KeepUnstored) for m in e.messages]
+        low, high = core.stored_mark("r1")
+        assert not any(low <= seq <= high for seq in out_unstored)
+        assert (low, high) >= previous  # peers ignore a mark that goes back
+        previous = (low, high)
+    assert sorted(m.seq for m in kept) == sorted(out_unstored - {m.seq for _, m in waiting})
