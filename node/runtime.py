@@ -159,6 +159,31 @@ def _stats_of(history: object) -> dict:
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {}
 
 
+async def store_kept(history: History, due: list[Message]) -> tuple[list[Message], list[tuple[Message, SmsError]]]:
+    """Appends messages kept in custody: (the ones now in history, the ones history refused for
+    what they are, each with its error). One refused message must not keep the others out, so a
+    failed batch is retried one message at a time. Unavailable propagates: everything is tried
+    again later."""
+    try:
+        await history.append(due)
+        return list(due), []
+    except Unavailable:
+        raise
+    except SmsError:
+        pass
+    stored: list[Message] = []
+    refused: list[tuple[Message, SmsError]] = []
+    for m in due:
+        try:
+            await history.append([m])
+            stored.append(m)
+        except Unavailable:
+            raise
+        except SmsError as err:
+            refused.append((m, err))
+    return stored, refused
+
+
 @dataclass
 class Node:
     """One peer: the facade the gateway calls. Holds no I/O of its own beyond its adapters."""
@@ -195,7 +220,7 @@ class Node:
     # Messages sent early (by peers, or by this node when a commit failed) kept until history
     # surely has them (node/core/custody.py); rooms whose stored mark peers have not heard yet.
     custody: Custody = field(default_factory=Custody)
-    _marks_owed: set[str] = field(default_factory=set)
+    _marks_owed: dict[str, float] = field(default_factory=dict)  # room -> since when (trio time)
     custody_stored: int = 0  # messages this node wrote to history for their origin (serve_custody)
     # Frames the validator decoded and checked, by content, so delivery does not redo the work.
     _checked_frames: "OrderedDict[bytes, Frame]" = field(default_factory=OrderedDict)
@@ -447,7 +472,9 @@ class Node:
             return [e for p in persists for e in self.core.step(PersistFailed(p.request_id, err))]
         self.metrics.persist_s.observe(time.perf_counter() - t0)
         if self.config.early_fanout:
-            self._marks_owed.update(m.room_id for m in stored)
+            now = trio.current_time()
+            for room_id in {m.room_id for m in stored}:
+                self._marks_owed.setdefault(room_id, now)
         follow: list[Effect] = []
         i = 0
         for p in persists:
@@ -640,20 +667,21 @@ class Node:
         (node/core/custody.py); once framed, the mark is no longer owed."""
         if not self.config.early_fanout:
             return None
-        self._marks_owed.discard(room_id)
+        self._marks_owed.pop(room_id, None)
         return self.core.stored_mark(room_id)
 
-    async def serve_marks(self, every_s: float = 0.05) -> None:
-        """With early fan-out: a room whose commit completed and whose next frame has not gone
-        within every_s gets a frame with its stored mark alone, so that peers stop keeping its
-        messages long before they would write them themselves (Custody.hold_ms). Under load the
-        mark rides in the room's next message frame instead."""
+    async def serve_marks(self, after_s: float = 0.05) -> None:
+        """With early fan-out: a room whose stored mark moved and that has sent no frame for
+        after_s since gets a frame with the mark alone, so that peers let go of its messages long
+        before they would write them themselves (Custody.hold_ms). While the room is busy the
+        mark rides in its next message frame instead, and nothing extra goes out."""
         if not self.config.early_fanout:
             return
         while True:
-            await trio.sleep(every_s)
-            owed, self._marks_owed = self._marks_owed, set()
-            for room_id in owed:
+            await trio.sleep(after_s / 2)
+            due = trio.current_time() - after_s
+            for room_id in [r for r, since in self._marks_owed.items() if since <= due]:
+                del self._marks_owed[room_id]
                 self._enqueue_publish(Publish(room_id, ()))
 
     async def serve_custody(self, every_s: float = 1.0) -> None:
@@ -665,41 +693,21 @@ class Node:
             due = self.custody.due(wall_ms())
             if not due:
                 continue
-            stored: list[Message] = []
             try:
-                stored = await self._store_in_custody(due)
-            except SmsError as err:
+                stored, refused = await store_kept(self.history, due)
+            except Unavailable as err:
                 log.warning("could not yet store %d messages sent before their commit (%s); "
                             "trying again in %.0f s", len(due), err.message, every_s)
+                continue
+            for m, err in refused:
+                log.error("history refused message %s of room %s sent early (%s); letting it go",
+                          m.message_id, m.room_id, err.message)
+            self._release_custody(stored + [m for m, _ in refused])
             if stored:
                 self.custody_stored += len(stored)
                 self.metrics.custody_stored.inc(len(stored))
                 log.info("wrote %d messages sent early to history: no stored mark covered them in time",
                          len(stored))
-
-    async def _store_in_custody(self, due: list[Message]) -> list[Message]:
-        """Appends `due`, and lets go of what history then holds. A message the database refuses
-        for what it is (not for being unavailable) is let go with an error: it must not keep the
-        others out; Unavailable propagates (everything is tried again later)."""
-        try:
-            await self.history.append(due)
-            stored = due
-        except Unavailable:
-            raise
-        except SmsError:
-            stored = []
-            for m in due:  # find the message at fault
-                try:
-                    await self.history.append([m])
-                    stored.append(m)
-                except Unavailable:
-                    raise
-                except SmsError as err:
-                    log.error("history refused message %s of room %s sent early (%s); letting it go",
-                              m.message_id, m.room_id, err.message)
-                    self._release_custody([m])
-        self._release_custody(stored)
-        return stored
 
     def _release_custody(self, messages: list[Message]) -> None:
         self.custody.stored(messages)
