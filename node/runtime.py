@@ -453,7 +453,8 @@ class Node:
                 elif isinstance(effect, Deliver):
                     self._deliver(effect.messages)
                 elif isinstance(effect, Publish):
-                    self._enqueue_publish(effect)
+                    if not self._enqueue_publish(effect) and effect.deliver:
+                        self._deliver(effect.deliver)  # not going out: local clients get it anyway
                 elif isinstance(effect, Reject):
                     self.metrics.frames_rejected.inc()
                     log.info("rejected frame from %s: %s", effect.peer, effect.reason)
@@ -618,16 +619,19 @@ class Node:
             except SmsError as err:
                 log.warning("repair paused: %s", err.message)
 
-    def _enqueue_publish(self, item: Publish | bytes) -> None:
-        """Queues messages (a Publish) or an encoded ops frame for the next bundle."""
+    def _enqueue_publish(self, item: Publish | bytes) -> bool:
+        """Queues messages (a Publish) or an encoded ops frame for the next bundle; False if the
+        outbox was full and it was dropped."""
         assert self._outbox_send is not None
         try:
             self._outbox_send.send_nowait(item)
+            return True
         except trio.WouldBlock:
             # The outbox is deep; overflowing it means the mesh is far behind. Peers repair
-            # messages from history through sync (they are already durable); a lost typing or read
-            # hint is only late news.
+            # messages from history through sync (they are durable, or being committed); a lost
+            # typing or read hint is only late news.
             log.warning("publish outbox full; dropping a frame")
+            return False
 
     async def serve_publisher(self, receive: trio.MemoryReceiveChannel) -> None:
         """Batch on the hot path: wait out the publish window and the frame pacer, then take
@@ -658,9 +662,17 @@ class Node:
                 for room_id, messages in by_room.items()
                 for chunk in (chunk_messages(messages) or [[]])  # [[]]: a stored mark alone
             ]
-            for group in split_into_bundles(frames):
-                await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group))
-                self.metrics.frames_out.inc()
+            try:
+                for group in split_into_bundles(frames):
+                    await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group))
+                    self.metrics.frames_out.inc()
+            finally:
+                # Early fan-out: the frames are written to the peers (on a fast lane or direct
+                # stream, into the kernel, which delivers them even if this process dies now), so
+                # this node's clients may see them: a peer can keep what they see (custody).
+                for item in batch:
+                    if isinstance(item, Publish) and item.deliver:
+                        self._deliver(item.deliver)
 
     def _stored_mark(self, room_id: str) -> tuple[int, int] | None:
         """With early fan-out, what a room frame tells peers about this node's stored sequence

@@ -19,9 +19,11 @@ contract:
     FrameArrived          Deliver(new messages)                       validated, deduplicated
                           or Reject(peer, reason)                     bad frames are the peer's fault
 
-With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's Deliver and Publish
-come before its Persist, and PersistCompleted brings only the Reply: clients see the message
-while it commits; the sender still hears back only after the commit. A send whose id the core has
+With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's Publish comes before
+its Persist, and PersistCompleted brings only the Reply: clients see the message while it
+commits; the sender still hears back only after the commit. The Publish carries the messages to
+deliver to this node's own clients (`Publish.deliver`), which the runtime hands them only once
+the frame has been written to the peers: no client sees a message no peer could keep (below). A send whose id the core has
 seen (a retry) and one more than `max_unstored` sequences above the room's highest committed one
 wait for the commit as above. `stored_mark(room)` is the range of the room's own sequence this run has
 stored without a gap: frames sent early carry it, and peers keep every message above it until a later
@@ -130,6 +132,9 @@ class Deliver:
 class Publish:
     room_id: str
     messages: tuple[Message, ...]
+    # With early fan-out: messages to hand to this node's own clients once the frame has been
+    # written to the peers, so that no client sees a message before a peer could keep it.
+    deliver: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +272,7 @@ class RoomCore:
             self._fanned.add(ev.request_id)
             self._unstored.setdefault(ev.room_id, {})[seq] = msg
             self.sent_before_commit += 1
-            return [Deliver((msg,)), Publish(msg.room_id, (msg,)), Persist(ev.request_id, (msg,))]
+            return [Publish(msg.room_id, (msg,), deliver=(msg,)), Persist(ev.request_id, (msg,))]
         return [Persist(ev.request_id, (msg,))]
 
     def _persist_completed(self, ev: PersistCompleted) -> list[Effect]:
@@ -288,6 +293,10 @@ class RoomCore:
         new = tuple(m for m in ev.stored if self._remember(m.message_id))
         # A retried send returns the stored original: it is re-published (peers dedupe by id) in case
         # the first attempt died between commit and publish, but local clients saw it already.
+        if self.early_fanout and ev.stored:
+            # Own messages reach local clients through the publisher, in the order they were sent.
+            effects.append(Publish(ev.stored[0].room_id, tuple(ev.stored), deliver=new))
+            return effects
         if new:
             effects.append(Deliver(new))
         if ev.stored:

@@ -40,6 +40,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         c.stop()
 
 
+async def healthy(http: httpx.AsyncClient, base: str) -> bool:
+    try:
+        return (await http.get(base + "/healthz")).json().get("ok") is True
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
 async def statuses(http: httpx.AsyncClient, cluster: ClusterProcess) -> list[dict]:
     return [(await http.get(cluster.http(i) + "/v1/status")).json() for i in range(3)]
 
@@ -98,15 +105,21 @@ async def test_a_killed_sending_node_loses_no_acknowledged_message(cluster: Clus
         assert histories[0] == histories[1] == histories[2] and set(acked) <= set(histories[0])
 
 
+@pytest.mark.parametrize("seen_on", [1, 0], ids=["seen-on-a-peer", "seen-on-its-own-node"])
 async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_stored_by_a_peer(
-        cluster: ClusterProcess) -> None:
+        cluster: ClusterProcess, seen_on: int) -> None:
+    """Seen on its own node too: that node hands it to its clients only once the frame has been
+    written to its peers, so they can keep it."""
     async with httpx.AsyncClient(timeout=30) as http:
+        with trio.fail_after(60):  # node 0 may still be restarting after an earlier kill
+            while not await healthy(http, cluster.http(0)):
+                await trio.sleep(0.2)
         room, users = await setup_room(cluster, http)
         hdr = {"Authorization": f"Bearer {users[0][1]}"}
         # After a start a room's first message waits for its commit; later ones may go out early.
         first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
         assert first.status_code == 200
-        watcher = Listener([cluster.http(1)], users[1][1])
+        watcher = Listener([cluster.http(seen_on)], users[seen_on][1])
 
         async def stored_by_peers() -> int:  # nodes 1 and 2 (node 0 is about to die)
             return sum([(await http.get(cluster.http(i) + "/v1/status")).json()["custody"]["stored"] for i in (1, 2)])
@@ -140,10 +153,10 @@ async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_
                 assert ended >= 1, "node 0's write was not waiting on the lock"
                 lock.rollback()
                 doomed = next(e for e in watcher.events if e["body"] == "seen, never committed by its node")
-                with trio.fail_after(30):  # custody writes it after its hold (5 s)
-                    while doomed["message_id"] not in await full_history(http, cluster.http(1), room, users[1][1]):
-                        await trio.sleep(0.2)
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # (a watcher on node 0 would keep reconnecting)
+            with trio.fail_after(30):  # custody writes it after its hold (5 s)
+                while doomed["message_id"] not in await full_history(http, cluster.http(1), room, users[1][1]):
+                    await trio.sleep(0.2)
         finally:
             lock.close()
         assert await stored_by_peers() >= before + 1

@@ -209,25 +209,34 @@ def make_early_core(max_unstored: int = 1024) -> RoomCore:
 def test_early_fanout_sends_a_new_message_out_before_persisting_and_acks_only_after() -> None:
     core = make_early_core()
     effects = send(core, 1)
-    assert [type(e) for e in effects] == [Deliver, Publish, Persist]
-    msg = effects[2].messages[0]
-    assert effects[0].messages == (msg,) and effects[1].messages == (msg,)
+    assert [type(e) for e in effects] == [Publish, Persist]
+    msg = effects[1].messages[0]
+    # Local clients get it once the frame has been written to the peers (Publish.deliver).
+    assert effects[0] == Publish("r1", (msg,), deliver=(msg,))
     assert core.step(PersistCompleted(1, (msg,))) == [Reply(1, message=msg)]
     assert core.sent_before_commit == 1
 
 
 def test_early_fanout_holds_a_retry_back_until_history_answers() -> None:
     core = make_early_core()
-    first = send(core, 1)[2].messages[0]
+    first = send(core, 1)[-1].messages[0]
     core.step(PersistCompleted(1, (first,)))
     effects = send(core, 2, now=5_000)  # same txn: history may hold the original, so wait for it
     assert [type(e) for e in effects] == [Persist]
-    assert [type(e) for e in core.step(PersistCompleted(2, (first,)))] == [Reply, Publish]
+    assert core.step(PersistCompleted(2, (first,))) == [Reply(2, message=first), Publish("r1", (first,), deliver=())]
+
+
+def test_with_early_fanout_a_message_that_waited_for_its_commit_reaches_local_clients_through_the_publisher() -> None:
+    """So that a node's own messages reach its clients in the order they were sent."""
+    core = make_early_core(max_unstored=0)  # nothing may go out before its commit
+    [persist] = send(core, 1)
+    msg = persist.messages[0]
+    assert core.step(PersistCompleted(1, (msg,))) == [Reply(1, message=msg), Publish("r1", (msg,), deliver=(msg,))]
 
 
 def test_early_fanout_publishes_the_stored_original_when_history_held_one() -> None:
     core = make_early_core()
-    sent = send(core, 1)[2].messages[0]
+    sent = send(core, 1)[-1].messages[0]
     original = Message(sent.message_id, "r1", "alice", "hi", 1, "t1", "peerZ", 9, 7)  # stored earlier elsewhere
     effects = core.step(PersistCompleted(1, (original,)))
     assert effects == [Reply(1, message=original), Publish("r1", (original,))]
@@ -236,11 +245,11 @@ def test_early_fanout_publishes_the_stored_original_when_history_held_one() -> N
 def test_early_fanout_waits_for_a_commit_once_max_unstored_sequences_are_out() -> None:
     core = make_early_core(max_unstored=2)
     out = [send(core, i, txn=f"t{i}") for i in (1, 2, 3)]
-    assert [type(e[0]) for e in out] == [Deliver, Deliver, Persist]  # seq 3 is beyond 0 stored + 2
+    assert [type(e[0]) for e in out] == [Publish, Publish, Persist]  # seq 3 is beyond 0 stored + 2
     err = Unavailable("database down")
-    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored(out[0][2].messages)]
-    core.step(PersistCompleted(2, (out[1][2].messages[0],)))  # seq 2 stored: up to 4 may go out
-    assert [type(e) for e in send(core, 4, txn="t4")] == [Deliver, Publish, Persist]  # seq 4
+    assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored(out[0][-1].messages)]
+    core.step(PersistCompleted(2, (out[1][-1].messages[0],)))  # seq 2 stored: up to 4 may go out
+    assert [type(e) for e in send(core, 4, txn="t4")] == [Publish, Persist]  # seq 4
     assert [type(e) for e in send(core, 5, txn="t5")] == [Persist]  # seq 5
     assert core.sent_before_commit == 3
 
@@ -261,7 +270,7 @@ def test_early_fanout_never_reuses_a_sequence_that_went_out_unstored_across_a_re
             effects = send(core, i, txn=f"t{i}")
             msg = effects[-1].messages[0]
             waiting.append((i, msg))
-            if isinstance(effects[0], Deliver):
+            if isinstance(effects[0], Publish):
                 out_unstored.add(msg.seq)
         elif waiting:
             rid, msg = waiting.pop(0)
@@ -287,8 +296,8 @@ def test_the_stored_mark_stays_below_an_early_message_until_its_commit() -> None
     [persist] = send(core, 1, txn="a")  # a room's first message after a start waits for its commit
     assert core.stored_mark("r1") == (1035, 1035)  # not out before its commit: nothing to keep
     core.step(PersistCompleted(1, persist.messages))
-    first = send(core, 2, txn="b")[2].messages[0]
-    second = send(core, 3, txn="c")[2].messages[0]
+    first = send(core, 2, txn="b")[-1].messages[0]
+    second = send(core, 3, txn="c")[-1].messages[0]
     assert (first.seq, second.seq) == (1036, 1037)
     assert core.stored_mark("r1") == (1035, 1035)
     core.step(PersistCompleted(3, (second,)))  # the later one commits first: still a gap below
@@ -299,8 +308,8 @@ def test_the_stored_mark_stays_below_an_early_message_until_its_commit() -> None
 
 def test_an_early_message_whose_commit_failed_holds_the_mark_until_written_again() -> None:
     core = make_early_core()  # never resumed: this run starts at sequence 1
-    failed = send(core, 1, txn="a")[2].messages[0]
-    later = send(core, 2, txn="b")[2].messages[0]
+    failed = send(core, 1, txn="a")[-1].messages[0]
+    later = send(core, 2, txn="b")[-1].messages[0]
     err = Unavailable("database down")
     assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored((failed,))]
     core.step(PersistCompleted(2, (later,)))
@@ -331,7 +340,7 @@ def test_the_stored_mark_never_vouches_for_a_message_that_went_out_unstored(
         if action == "send":
             effects = send(core, i, txn=f"t{i}")
             waiting.append((i, effects[-1].messages[0]))
-            if isinstance(effects[0], Deliver):
+            if isinstance(effects[0], Publish):
                 out_unstored.add(effects[0].messages[0].seq)
         elif action == "rewrite" and kept:
             msg = kept.pop(0)
