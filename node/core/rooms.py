@@ -160,6 +160,14 @@ def validate_body(body: object) -> str:
         raise PayloadTooLarge(f"message body is over {MAX_BODY_BYTES} bytes")
     if not body.strip():
         raise BadRequest("message body is empty")
+    # What history cannot store is refused here, before anything goes out: with early fan-out a
+    # message is framed and shown before its commit would have refused it.
+    if "\x00" in body:
+        raise BadRequest("body must not contain NUL characters")
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("body is not valid Unicode text") from None
     return body
 
 

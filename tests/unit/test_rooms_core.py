@@ -217,6 +217,13 @@ def test_early_fanout_sends_a_new_message_out_before_persisting_and_acks_only_af
     assert core.sent_before_commit == 1
 
 
+@pytest.mark.parametrize("body", ["a lone surrogate \udfff", "a NUL \x00"])
+def test_early_fanout_refuses_a_body_history_cannot_store_before_anything_goes_out(body: str) -> None:
+    core = make_early_core()
+    [reply] = send(core, 1, body=body)
+    assert isinstance(reply, Reply) and reply.error is not None and reply.error.code == "bad_request"
+
+
 def test_early_fanout_holds_a_retry_back_until_history_answers() -> None:
     core = make_early_core()
     first = send(core, 1)[-1].messages[0]
