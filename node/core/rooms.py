@@ -23,11 +23,12 @@ With early fan-out (`early_fanout`, `sms node --early-fanout`) a new message's P
 its Persist, and PersistCompleted brings only the Reply: clients see the message while it
 commits; the sender still hears back only after the commit. The Publish carries the messages to
 deliver to this node's own clients (`Publish.deliver`), which the runtime hands them only once
-the frame has been written to the peers: no client sees a message no peer could keep (below). A send whose id the core has
-seen (a retry) and one more than `max_unstored` sequences above the room's highest committed one
-wait for the commit as above. `stored_mark(room)` is the range of the room's own sequence this run has
-stored without a gap: frames sent early carry it, and peers keep every message above it until a later
-mark covers it, writing it to history themselves if none does in time (node/core/custody.py). A
+the frame has been written to the peers: no client sees a message no peer could keep (below). A
+send whose id the core has seen (a retry) and one more than `max_unstored` sequences above the
+room's highest committed one wait for the commit as above. `stored_mark(room)` is the range of the
+room's own sequence this run has stored without a gap: frames sent early carry it, and peers keep
+every message outside it until a later mark covers it, writing it to history themselves if none
+does in time (node/core/custody.py). A
 message that went out and then failed to commit comes back as KeepUnstored: the node keeps it in
 the same custody and writes it again until history has it (`note_stored`); until then the mark
 stays below it. `resume_room` skips `max_unstored` sequences at every start, so no sequence that
