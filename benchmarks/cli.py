@@ -20,7 +20,7 @@ from typing import List, Optional
 import typer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ("nats", "nats-fsync", "gossipsub", "sms-early")
+BASELINES = ("nats", "nats-fsync", "gossipsub", "sms-commit-first")
 
 
 def _say(line: str) -> None:
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
         refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
         max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
-        baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-early", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub, sms-early (sms on a second fresh cluster whose nodes run --early-fanout) ('' for none)."),
+        baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-commit-first", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub, sms-commit-first (sms on a second fresh cluster whose nodes run --commit-first: nothing delivered before its commit) ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         warmup: float = typer.Option(2.0, min=0, max=120),
         drain: float = typer.Option(5.0, min=0, max=60),
         max_in_flight: int = typer.Option(512, min=1),
-        baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, gossipsub, sms-early (a second cluster with --early-fanout)."),
+        baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, gossipsub, sms-commit-first (a second cluster with --commit-first)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -201,10 +201,10 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
             prof = {"rate": None, "dir": out / f"{stem}-profiles"} if profile else None
             systems["sms"] = trio.run(sms_system, cluster, w, policy, rates, _say, None, prof, send_via)
             n_nodes = len(cluster["nodes"])
-        if "sms-early" in wanted:
-            with local_cluster(n_nodes, wd, _say, env={"SMS_EARLY_FANOUT": "1"}) as early:
-                systems["sms-early"] = trio.run(sms_system, early, w, policy, rates, _say, None, None, send_via,
-                                                "sms-early")
+        if "sms-commit-first" in wanted:
+            with local_cluster(n_nodes, wd, _say, env={"SMS_EARLY_FANOUT": "0"}) as strict:
+                systems["sms-commit-first"] = trio.run(sms_system, strict, w, policy, rates, _say, None, None,
+                                                       send_via, "sms-commit-first")
         if "nats" in wanted:
             systems["nats"] = nats_system(w, policy, rates, _say, wd)
         if "nats-fsync" in wanted:

@@ -44,7 +44,9 @@ def summary_table(doc: dict) -> str:
     for name, system in doc["systems"].items():
         best = system.get("max_sustained_rate")
         p = next((q for q in system["points"] if q["offered_rate"] == best), None)
-        rows.append(f"| {name} | {_f(best, 2) if best is not None else 'none'} | "
+        fanout = (system.get("layout") or {}).get("fanout")  # older results do not say
+        label = f"{name} ({fanout})" if fanout else name
+        rows.append(f"| {label} | {_f(best, 2) if best is not None else 'none'} | "
                     f"{_f(p['throughput']['deliveries_per_s'], 0) if p else '-'} | {_f(p['delivery_ms']['p99']) if p else '-'} | "
                     f"{system.get('stop_reason', '-')} |")
     return "\n".join(rows)
@@ -89,7 +91,7 @@ def _res_names(doc: dict, system: str) -> list[str]:
 def render(doc: dict) -> str:
     parts = [f"result {doc['kind']} of {doc['created']} (git {str(doc['git'].get('commit'))[:10]}"
              f"{', dirty' if doc['git'].get('dirty') else ''})", "", summary_table(doc), "", points_table(doc)]
-    for system in ("sms", "sms-early"):
+    for system in ("sms", "sms-commit-first", "sms-early"):  # sms-early: results from before it was the default
         for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write")):
             vs = versus_nats(doc, baseline, system)
             if vs:

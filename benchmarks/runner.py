@@ -169,6 +169,19 @@ async def scrape(cluster: dict) -> list[dict[str, float]]:
     return out
 
 
+async def fanout_mode(cluster: dict) -> str | None:
+    """How the cluster's nodes send a message on ("early fan-out" or "commit first", from node 0's
+    /v1/status), so that a result says which sms it measured; None if the node did not say."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            early = (await http.get(cluster["nodes"][0]["http"] + "/v1/status")).json()["pacing"]["early_fanout"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    return "early fan-out" if early else "commit first"
+
+
 def metrics_delta(before: list[dict], after: list[dict]) -> dict:
     """Cluster-wide counter deltas over a point, and what they mean per message."""
     tot = {k: sum(a.get(k, 0.0) - b.get(k, 0.0) for a, b in zip(after, before)) for k in METRIC_NAMES}
@@ -189,7 +202,7 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
                      name: str = "sms") -> dict:
     """Runs points against a running cluster. profile={"rate": R, "dir": Path} runs py-spy on node 0
     during the point at rate R (or the last point). send_via: "ws" (send frames on the events
-    socket) or "http" (PUT). `name` labels the points (sms-early: nodes with --early-fanout)."""
+    socket) or "http" (PUT). `name` labels the points (sms-commit-first: nodes with --commit-first)."""
     from .sms_client import SmsTransport
 
     plan = client_plan(workload, len(cluster["nodes"]))
@@ -234,7 +247,7 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
         if profiles:
             result["profiles"] = profiles
         result["layout"] = {"nodes": len(cluster["nodes"]), "users": users or workload.clients, "send_via": send_via,
-                            "generator_io": io}
+                            "generator_io": io, "fanout": await fanout_mode(cluster)}
         await transport.aclose()
         nursery.cancel_scope.cancel()
     return result

@@ -43,7 +43,7 @@ class UpOptions:
     retention_days: float | None = None
     max_frames_per_s: float | None = None  # None: the node's default
     min_frames_per_s: float | None = None
-    early_fanout: bool = False  # False: the node's default (SMS_EARLY_FANOUT still applies)
+    early_fanout: bool | None = None  # None: the node's default (SMS_EARLY_FANOUT still applies)
 
 
 @dataclass
@@ -115,7 +115,7 @@ def start_node(
         *(["--retention-days", str(opts.retention_days)] if opts.retention_days else []),
         *(["--max-frames-per-s", str(opts.max_frames_per_s)] if opts.max_frames_per_s is not None else []),
         *(["--min-frames-per-s", str(opts.min_frames_per_s)] if opts.min_frames_per_s is not None else []),
-        *(["--early-fanout"] if opts.early_fanout else []),
+        *({True: ["--early-fanout"], False: ["--commit-first"], None: []}[opts.early_fanout]),
     ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]

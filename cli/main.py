@@ -46,9 +46,10 @@ def up(
     max_frames_per_s: Optional[float] = typer.Option(None, help="Each node's cap on the frames it publishes per second "
                                                               "when quiet (see `sms node --help`)."),
     min_frames_per_s: Optional[float] = typer.Option(None, help="... and when busy (see `sms node --help`)."),
-    early_fanout: bool = typer.Option(False, "--early-fanout",
-                                      help="Every node sends a message on while its commit runs, not after it "
-                                           "(lower latency; see `sms node --help` and docs/protocol.md)."),
+    early_fanout: Optional[bool] = typer.Option(None, "--early-fanout/--commit-first",
+                                                help="How every node sends a message on: while its commit runs "
+                                                     "(the default), or only after it (see `sms node --help` and "
+                                                     "docs/protocol.md). Unset: SMS_EARLY_FANOUT, else early."),
 ) -> None:
     """Start a local cluster: embedded etcd + PostgreSQL and N nodes. Ctrl-C stops it all."""
     from sms.bootstrap.up import UpOptions, up as run_up
@@ -113,11 +114,12 @@ def node(
                                              "none below 300 messages/s through the node, rising to this at "
                                              "600. Messages arriving meanwhile share the next commit: higher "
                                              "saves CPU per message, lower adds less latency (0: no gap)."),
-    early_fanout: bool = typer.Option(False, envvar="SMS_EARLY_FANOUT",
-                                      help="Send a new message to clients and peers while its database commit "
-                                           "runs, not after it; the sender's ack still waits for the commit. "
-                                           "Lower delivery latency, but a message may be seen and not stored "
-                                           "if this node dies within the commit and the sender never retries."),
+    early_fanout: bool = typer.Option(True, "--early-fanout/--commit-first", envvar="SMS_EARLY_FANOUT",
+                                      help="Early fan-out (the default): send a new message to clients and "
+                                           "peers while its database commit runs; the sender's ack still waits "
+                                           "for the commit, and peers store what they got if this node dies "
+                                           "first. --commit-first (SMS_EARLY_FANOUT=0): nobody sees a message "
+                                           "before it is stored, at the cost of the commit in every delivery."),
     publish_window_ms: float = typer.Option(0.0, envvar="SMS_PUBLISH_WINDOW_MS", min=0,
                                             help="Milliseconds the publisher waits after a message before it "
                                                  "frames it, so that messages arriving together share a frame."),

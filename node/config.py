@@ -49,9 +49,11 @@ class NodeConfig:
     lanes: bool = True
     lane_port: int = 0
     # Fan a new message out to clients and peers while its commit runs (acks still wait for the
-    # commit): lower delivery latency; a message seen may miss history if its node dies within
-    # the commit and its sender does not retry (docs/protocol.md, "Early fan-out").
-    early_fanout: bool = False
+    # commit): delivery does not wait for the disk. Peers keep what they got until the origin's
+    # stored mark covers it and write it themselves if it does not (custody), so a message seen
+    # misses history only if its node's machine, or it and every peer that got it, fail within
+    # seconds and its sender never retries (docs/protocol.md, "Early fan-out"). False: commit first.
+    early_fanout: bool = True
     retention_days: float | None = None  # purge history older than this; None keeps everything
     rate_limit_per_s: float = 200.0  # per user, cluster-wide, for requests that change state; 0: off
 

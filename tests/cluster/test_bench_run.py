@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 async def test_a_bench_point_against_a_running_cluster_delivers_every_message_once(cluster: ClusterProcess, tmp_path) -> None:
     cmd = [sys.executable, "-m", "sms.cli.main", "bench", "run", "--cluster", str(cluster.data_dir / "cluster.json"),
            "--rate", "30", "--duration", "2", "--warmup", "0.5", "--drain", "5", "--retries", "0",
-           "--quiet-wait", "0", "--out", str(tmp_path), "--baselines", "sms-early"]
+           "--quiet-wait", "0", "--out", str(tmp_path), "--baselines", "sms-commit-first"]
     with trio.fail_after(240):
         done = await trio.run_process(cmd, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
     output = done.stdout.decode(errors="replace")
@@ -38,8 +38,11 @@ async def test_a_bench_point_against_a_running_cluster_delivers_every_message_on
     # per event, with room for other events such as presence)
     assert 0 < point["ws_frames_read"] <= 2 * (60 + 9 * 60)
     assert point["ws_closed"] == {}
-    # The same point on a fresh cluster of its own whose nodes send messages out before their commits.
-    [early] = doc["systems"]["sms-early"]["points"]
-    assert early["acked"] == 60 and early["expected_deliveries"] == early["delivered"] == 9 * 60
-    assert early["lost"] == 0 and early["duplicates"] == 0 and early["send_errors"] == 0
+    assert doc["systems"]["sms"]["layout"]["fanout"] == "early fan-out"  # the nodes' default
+    # The same point on a fresh cluster of its own whose nodes send messages out after their commits.
+    strict = doc["systems"]["sms-commit-first"]
+    assert strict["layout"]["fanout"] == "commit first"
+    [point] = strict["points"]
+    assert point["acked"] == 60 and point["expected_deliveries"] == point["delivered"] == 9 * 60
+    assert point["lost"] == 0 and point["duplicates"] == 0 and point["send_errors"] == 0
     assert "highest rate that held" in output

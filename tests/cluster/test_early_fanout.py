@@ -1,10 +1,11 @@
-"""Early fan-out (`sms node --early-fanout`, docs/protocol.md "Early fan-out") against a real 3-node
+"""Early fan-out (the default; docs/protocol.md "Early fan-out") against a real 3-node
 `sms up --early-fanout`: messages still reach every member exactly once and every
 node's history is the same, and a sending node killed mid-stream loses no acknowledged message,
 and its messages after the restart reach everyone; and a message clients saw from a node that
 died before storing it is written to history by the peers that saw it (custody). (That a restart never reuses a sequence that
 went out unstored, which a kill here hits only by chance, is a property test of the core:
-tests/unit/test_rooms_core.py.)"""
+tests/unit/test_rooms_core.py.) And the same against `sms up --commit-first`, which also shows
+no client a message before its commit."""
 
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def commit_first(tmp_path_factory: pytest.TempPathFactory):
+    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("commit_first"), nodes=3, ports=allocate_ports(3),
+                       up_args=("--commit-first",))
+    c.start()
+    yield c
+    if c.proc is not None and c.proc.poll() is None:
+        c.stop()
+
+
 async def healthy(http: httpx.AsyncClient, base: str) -> bool:
     try:
         return (await http.get(base + "/healthz")).json().get("ok") is True
@@ -66,7 +77,21 @@ async def test_with_early_fanout_a_thousand_concurrent_messages_arrive_exactly_o
         assert [s["custody"]["stored"] for s in await statuses(http, cluster)] == stored_before
 
 
-async def test_a_killed_sending_node_loses_no_acknowledged_message(cluster: ClusterProcess) -> None:
+async def test_commit_first_a_thousand_concurrent_messages_arrive_exactly_once(commit_first: ClusterProcess) -> None:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
+        await a_thousand_concurrent_messages_arrive_exactly_once(commit_first, http)
+        for status in await statuses(http, commit_first):
+            assert status["pacing"]["early_fanout"] is False
+            assert status["sent_before_commit"] == 0
+
+
+@pytest.mark.parametrize("mode", ["early-fanout", "commit-first"])
+async def test_a_killed_sending_node_loses_no_acknowledged_message(
+        cluster: ClusterProcess, commit_first: ClusterProcess, mode: str) -> None:
+    await killed_sending_node_loses_no_acknowledged_message(cluster if mode == "early-fanout" else commit_first)
+
+
+async def killed_sending_node_loses_no_acknowledged_message(cluster: ClusterProcess) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         room, users = await setup_room(cluster, http)
         victim_pid = cluster.info["nodes"][0]["pid"]
@@ -160,3 +185,54 @@ async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_
         finally:
             lock.close()
         assert await stored_by_peers() >= before + 1
+
+
+async def test_commit_first_no_client_sees_a_message_its_node_has_not_stored(commit_first: ClusterProcess) -> None:
+    """The guarantee --commit-first keeps: node 0 dies with a message's INSERT waiting on a lock, and
+    no client ever sees that message (with early fan-out every member would have it by then)."""
+    cluster = commit_first
+    async with httpx.AsyncClient(timeout=30) as http:
+        with trio.fail_after(60):  # node 0 may still be restarting after an earlier kill
+            while not await healthy(http, cluster.http(0)):
+                await trio.sleep(0.2)
+        room, users = await setup_room(cluster, http)
+        hdr = {"Authorization": f"Bearer {users[0][1]}"}
+        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
+        assert first.status_code == 200
+        watchers = [Listener([cluster.http(i)], users[i][1]) for i in range(3)]
+        lock = psycopg.connect(cluster.info["db"])
+        probe = psycopg.connect(cluster.info["db"], autocommit=True)
+        waiting = ("SELECT count(*) FROM pg_stat_activity "
+                   "WHERE wait_event_type = 'Lock' AND query ILIKE '%insert into messages%'")
+        try:
+            lock.execute("LOCK TABLE messages IN SHARE MODE")
+            async with trio.open_nursery() as nursery:
+                for w in watchers:
+                    await nursery.start(w.run)
+
+                async def doomed_send() -> None:
+                    try:  # never acknowledged: its node dies first, and it is not retried
+                        await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/doomed",
+                                       json={"body": "never committed"}, headers=hdr)
+                    except httpx.HTTPError:
+                        pass
+
+                nursery.start_soon(doomed_send)
+                with trio.fail_after(20):  # node 0's INSERT is on its way and waits for the lock
+                    while probe.execute(waiting).fetchone()[0] < 1:
+                        await trio.sleep(0.05)
+                await trio.sleep(1.0)  # what early fan-out would have shown by now
+                os.kill(cluster.pid(0), signal.SIGKILL)
+                await trio.sleep(0.5)
+                ended = lock.execute(waiting.replace("count(*)", "count(pg_terminate_backend(pid))")).fetchone()[0]
+                assert ended >= 1, "node 0's write was not waiting on the lock"
+                lock.rollback()
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel()
+        finally:
+            lock.close()
+            probe.close()
+        for i, w in enumerate(watchers):
+            assert [e for e in w.events if e.get("body") == "never committed"] == [], f"client {i} saw it"
+        history = await full_history(http, cluster.http(1), room, users[1][1])
+        assert len(history) == 1  # "first" only

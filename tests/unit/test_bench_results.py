@@ -89,15 +89,27 @@ def test_report_tables_and_the_nats_comparison():
     assert "| sms / NATS, fsync per write |" in render(doc)
 
 
-def test_report_compares_sms_with_early_fanout_with_nats_too():
+@pytest.mark.parametrize("other", ["sms-commit-first", "sms-early"])  # sms-early: results from before the switch
+def test_report_compares_the_other_sms_mode_with_nats_too(other):
     from sms.benchmarks.report import render, versus_nats
 
     doc = sweep_doc()
-    doc["systems"]["sms-early"] = {"points": [pt(100, True)], "max_sustained_rate": 100}
-    doc["systems"]["sms-early"]["points"][0]["delivery_ms"]["p99"] = 0.75
-    assert "sms-early / NATS" not in render(doc)  # nothing to compare with yet
+    doc["systems"][other] = {"points": [pt(100, True)], "max_sustained_rate": 100}
+    doc["systems"][other]["points"][0]["delivery_ms"]["p99"] = 0.75
+    assert f"{other} / NATS" not in render(doc)  # nothing to compare with yet
     doc["systems"]["nats"] = {"points": [pt(100, True)], "max_sustained_rate": 100}
     doc["systems"]["nats"]["points"][0]["delivery_ms"]["p99"] = 0.5
-    assert versus_nats(doc, "nats", "sms-early") == [(100, 0.75, 0.5, 1.5)]
+    assert versus_nats(doc, "nats", other) == [(100, 0.75, 0.5, 1.5)]
     text = render(doc)
-    assert "| sms / NATS |" in text and "| sms-early / NATS |" in text and "| sms-early | 100 |" in text
+    assert "| sms / NATS |" in text and f"| {other} / NATS |" in text and f"| {other} | 100 |" in text
+
+
+def test_the_summary_says_which_sms_a_result_measured():
+    from sms.benchmarks.report import summary_table
+
+    doc = sweep_doc()
+    doc["systems"]["sms"]["layout"] = {"nodes": 3, "fanout": "early fan-out"}
+    doc["systems"]["sms-commit-first"] = {"points": [pt(100, True)], "max_sustained_rate": 100,
+                                          "layout": {"nodes": 3, "fanout": "commit first"}}
+    text = summary_table(doc)
+    assert "| sms (early fan-out) | 100 |" in text and "| sms-commit-first (commit first) | 100 |" in text

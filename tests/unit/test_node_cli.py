@@ -30,14 +30,20 @@ def test_the_defaults(started: list[NodeConfig]) -> None:
     assert run().exit_code == 0
     (config,) = started
     assert config.lanes and config.frame_caps() == FRAME_CAPS_LANES and config.commit_gap_ms == 4.0
-    assert not config.early_fanout  # messages go out after their commit unless asked otherwise
+    assert config.early_fanout  # messages go out while their commit runs unless asked otherwise
 
 
-def test_early_fanout_is_an_option_and_an_environment_variable(started: list[NodeConfig]) -> None:
-    assert run("--early-fanout").exit_code == 0
+def test_commit_first_is_an_option_and_an_environment_variable(started: list[NodeConfig]) -> None:
+    assert run("--commit-first").exit_code == 0
+    assert run(env={"SMS_EARLY_FANOUT": "0"}).exit_code == 0
+    assert run("--early-fanout", env={"SMS_EARLY_FANOUT": "0"}).exit_code == 0
     assert run(env={"SMS_EARLY_FANOUT": "1"}).exit_code == 0
-    assert run("--no-early-fanout", env={"SMS_EARLY_FANOUT": "1"}).exit_code == 0
-    assert [c.early_fanout for c in started] == [True, True, False]
+    assert [c.early_fanout for c in started] == [False, False, True, True]
+
+
+def test_a_bad_early_fanout_variable_is_refused_by_name(started: list[NodeConfig]) -> None:
+    result = run(env={"SMS_EARLY_FANOUT": "sometimes"})
+    assert result.exit_code == 2 and "early-fanout" in result.output and not started
 
 
 def test_without_lanes_the_frame_caps_are_those_measured_for_libp2p_streams(started: list[NodeConfig]) -> None:
