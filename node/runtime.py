@@ -60,7 +60,7 @@ from .core.envelope import (
     encode_ops,
     split_into_bundles,
 )
-from .core.custody import Custody
+from .core.custody import Custody, OwnDeliveries
 from .core.pacing import FramePacer, chunk_messages
 from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
@@ -220,6 +220,9 @@ class Node:
     # Messages sent early (by peers, or by this node when a commit failed) kept until history
     # surely has them (node/core/custody.py); rooms whose stored mark peers have not heard yet.
     custody: Custody = field(default_factory=Custody)
+    # Early fan-out: own messages waiting for their commit before this node's clients may see
+    # them, because no peer was sure to get their frame (node/core/custody.py).
+    own_deliveries: OwnDeliveries = field(default_factory=OwnDeliveries)
     _marks_owed: dict[str, float] = field(default_factory=dict)  # room -> since when (trio time)
     custody_stored: int = 0  # messages this node wrote to history for their origin (serve_custody)
     # Frames the validator decoded and checked, by content, so delivery does not redo the work.
@@ -454,7 +457,7 @@ class Node:
                     self._deliver(effect.messages)
                 elif isinstance(effect, Publish):
                     if not self._enqueue_publish(effect) and effect.deliver:
-                        self._deliver(effect.deliver)  # not going out: local clients get it anyway
+                        self._deliver_own(effect.deliver, kept_by_peers=False)  # not going out
                 elif isinstance(effect, Reject):
                     self.metrics.frames_rejected.inc()
                     log.info("rejected frame from %s: %s", effect.peer, effect.reason)
@@ -482,7 +485,16 @@ class Node:
             n = len(p.messages)
             follow += self.core.step(PersistCompleted(p.request_id, tuple(stored[i : i + n])))
             i += n
+        if self.own_deliveries:
+            self._deliver(self.own_deliveries.release(self.core.is_stored))
         return follow
+
+    def _deliver_own(self, messages, *, kept_by_peers: bool) -> None:
+        """Early fan-out: this node's own messages, framed, to its clients now if a peer can keep
+        them or history has them, else once history does (OwnDeliveries)."""
+        ready = self.own_deliveries.offer(messages, kept_by_peers, self.core.is_stored)
+        if ready:
+            self._deliver(ready)
 
     def _deliver(self, messages) -> None:
         self.metrics.delivered.inc(len(messages))
@@ -662,17 +674,23 @@ class Node:
                 for room_id, messages in by_room.items()
                 for chunk in (chunk_messages(messages) or [[]])  # [[]]: a stored mark alone
             ]
+            kept_by_peers = True
             try:
                 for group in split_into_bundles(frames):
-                    await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group))
+                    if not await self.p2p.publish(BUNDLE_ROOM, encode_bundle(self.p2p.peer_id, group)):
+                        kept_by_peers = False
                     self.metrics.frames_out.inc()
+            except BaseException:
+                kept_by_peers = False
+                raise
             finally:
-                # Early fan-out: the frames are written to the peers (on a fast lane or direct
-                # stream, into the kernel, which delivers them even if this process dies now), so
-                # this node's clients may see them: a peer can keep what they see (custody).
+                # Early fan-out: frames written to every peer (on a fast lane or direct stream, into
+                # the kernel, which delivers them even if this process dies now) may be seen by
+                # this node's clients: a peer can keep what they see (custody). Frames that went
+                # over GossipSub, or failed, wait for their commit first.
                 for item in batch:
                     if isinstance(item, Publish) and item.deliver:
-                        self._deliver(item.deliver)
+                        self._deliver_own(item.deliver, kept_by_peers=kept_by_peers)
 
     def _stored_mark(self, room_id: str) -> tuple[int, int] | None:
         """With early fan-out, what a room frame tells peers about this node's stored sequence
@@ -724,6 +742,8 @@ class Node:
     def _release_custody(self, messages: list[Message]) -> None:
         self.custody.stored(messages)
         self.core.note_stored([m for m in messages if m.origin == self.core.origin])
+        if self.own_deliveries:
+            self._deliver(self.own_deliveries.release(self.core.is_stored))
 
     # -- edits, deletions, typing, read markers, presence
 

@@ -666,22 +666,26 @@ class P2PNode:
             log.debug("sync with %s failed: %s", peer_id, exc)
             return None
 
-    async def publish(self, room_id: str, data: bytes) -> None:
+    async def publish(self, room_id: str, data: bytes) -> bool:
         """Sends one frame to every node of the room's topic: pushed on each peer's direct stream
-        when every connected peer has one (and they are few enough), over GossipSub otherwise."""
+        when every connected peer has one (and they are few enough), over GossipSub otherwise.
+        True if it was written to every node's direct stream or lane (into the kernel, which
+        sends it even if this process dies); False if it went over GossipSub, whose queues
+        die with the process, or failed."""
         if room_id not in self._rooms:
             await self.join_room(room_id)
         if await self._push_direct(room_id, data):
             self.stats.frames_published += 1
             self.stats.bytes_published += len(data)
-            return
+            return True
         try:
             await self.pubsub.publish(room_topic(room_id), data)
         except Exception as exc:  # translated: the sync protocol repairs what gossip lost
             log.warning("publish to room %s failed: %s", room_id, exc)
-            return
+            return False
         self.stats.frames_published += 1
         self.stats.bytes_published += len(data)
+        return False
 
     # -- direct push
 

@@ -91,3 +91,46 @@ class Custody:
             cutoff = entries[over - 1][1]
             return [m for m, since in entries if since <= cutoff or since + self.hold_ms <= now_ms]
         return [m for m, since in entries if since + self.hold_ms <= now_ms]
+
+
+@dataclass
+class OwnDeliveries:
+    """With early fan-out, this node's own messages on their way to its own clients. A client may
+    see one only once a peer can keep it (its frame was written to every peer's direct stream or
+    fast lane, so the kernel delivers it even if this process dies) or history has it. A frame
+    that went over GossipSub (queued in py-libp2p, not yet written) or not at all (outbox full)
+    gives no such promise: its messages wait here for their commit, or for the write that
+    custody makes of them. Per room, messages leave in the order they came, so a client never
+    gets a later sequence before an earlier one of this node (which would read as a gap)."""
+
+    _rooms: dict[str, list[tuple[Message, bool]]] = field(default_factory=dict)  # room -> (message, kept by peers)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._rooms.values())
+
+    def offer(self, messages, kept_by_peers: bool, stored) -> list[Message]:
+        """Messages just framed (kept_by_peers: the frame reached every peer's socket); returns
+        those the clients may have now. stored(message) -> bool says whether history has one."""
+        ready: list[Message] = []
+        for m in messages:
+            waiting = self._rooms.get(m.room_id)
+            if waiting is None and (kept_by_peers or stored(m)):
+                ready.append(m)
+            else:
+                self._rooms.setdefault(m.room_id, []).append((m, kept_by_peers))
+        return ready
+
+    def release(self, stored) -> list[Message]:
+        """After commits or custody writes: the waiting messages now free to go, in order."""
+        ready: list[Message] = []
+        for room_id in list(self._rooms):
+            waiting = self._rooms[room_id]
+            n = 0
+            while n < len(waiting) and (waiting[n][1] or stored(waiting[n][0])):
+                n += 1
+            ready += [m for m, _ in waiting[:n]]
+            if n == len(waiting):
+                del self._rooms[room_id]
+            elif n:
+                del waiting[:n]
+        return ready

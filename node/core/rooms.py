@@ -221,6 +221,11 @@ class RoomCore:
             return low, next(iter(unstored)) - 1
         return low, self._seq.get(room_id, 1) - 1
 
+    def is_stored(self, m: Message) -> bool:
+        """False for an own message that went out early and is not in history yet."""
+        unstored = self._unstored.get(m.room_id)
+        return unstored is None or m.seq not in unstored
+
     def note_stored(self, messages: list[Message] | tuple[Message, ...]) -> None:
         """Own messages that went out early are now in history (their commit, or a later write of
         one whose commit failed)."""

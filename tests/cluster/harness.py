@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ class ClusterProcess:
     output_path: Path | None = None
     etcd_members: int = 1
     up_args: tuple[str, ...] = ()  # more `sms up` options
+    env: dict[str, str] | None = None  # more environment for `sms up` and its nodes
 
     def start(self, timeout_s: float = 120) -> dict:
         cluster_json = self.data_dir / "cluster.json"
@@ -43,7 +45,8 @@ class ClusterProcess:
             "--etcd-members", str(self.etcd_members), *self.up_args,
         ]
         with open(self.output_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + timeout_s
         while not cluster_json.exists():
             if self.proc.poll() is not None:

@@ -51,6 +51,17 @@ def commit_first(tmp_path_factory: pytest.TempPathFactory):
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def gossip_only(tmp_path_factory: pytest.TempPathFactory):
+    """Early fan-out with frames over GossipSub only (as in a cluster beyond direct push's 16 peers)."""
+    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("gossip_only"), nodes=3, ports=allocate_ports(3),
+                       env={"SMS_DIRECT_MAX_PEERS": "0"})
+    c.start()
+    yield c
+    if c.proc is not None and c.proc.poll() is None:
+        c.stop()
+
+
 async def healthy(http: httpx.AsyncClient, base: str) -> bool:
     try:
         return (await http.get(base + "/healthz")).json().get("ok") is True
@@ -236,3 +247,49 @@ async def test_commit_first_no_client_sees_a_message_its_node_has_not_stored(com
             assert [e for e in w.events if e.get("body") == "never committed"] == [], f"client {i} saw it"
         history = await full_history(http, cluster.http(1), room, users[1][1])
         assert len(history) == 1  # "first" only
+
+
+async def test_over_gossipsub_a_nodes_own_clients_wait_for_the_commit_and_peers_do_not(
+        gossip_only: ClusterProcess) -> None:
+    """A frame given to GossipSub may still sit in py-libp2p's queues when the process dies, so no
+    peer can be counted on to keep it: the origin's own clients get the message only once it is
+    stored. Its peers, which have the frame, show it at once (and keep it: custody)."""
+    cluster = gossip_only
+    async with httpx.AsyncClient(timeout=30) as http:
+        room, users = await setup_room(cluster, http)
+        hdr = {"Authorization": f"Bearer {users[0][1]}"}
+        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
+        assert first.status_code == 200  # after a start a room's first message waits for its commit
+        own, peer = Listener([cluster.http(0)], users[0][1]), Listener([cluster.http(1)], users[1][1])
+
+        def seen(listener: Listener) -> bool:
+            return any(e.get("body") == "held back" for e in listener.events)
+
+        lock = psycopg.connect(cluster.info["db"])
+        try:
+            lock.execute("LOCK TABLE messages IN SHARE MODE")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(own.run)
+                await nursery.start(peer.run)
+                acked = trio.Event()
+
+                async def send() -> None:
+                    reply = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/held",
+                                           json={"body": "held back"}, headers=hdr)
+                    assert reply.status_code == 200
+                    acked.set()
+
+                nursery.start_soon(send)
+                with trio.fail_after(20):  # the peer's client has it while the commit waits
+                    while not seen(peer):
+                        await trio.sleep(0.02)
+                await trio.sleep(0.5)
+                assert not seen(own) and not acked.is_set()
+                lock.rollback()  # the commit goes through: now the origin's own client gets it
+                with trio.fail_after(20):
+                    while not (seen(own) and acked.is_set()):
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        finally:
+            lock.close()
+        assert [e["body"] for e in own.events].count("held back") == 1

@@ -321,8 +321,10 @@ def test_an_early_message_whose_commit_failed_holds_the_mark_until_written_again
     assert core.step(PersistFailed(1, err)) == [Reply(1, error=err), KeepUnstored((failed,))]
     core.step(PersistCompleted(2, (later,)))
     assert core.stored_mark("r1") == (failed.seq, failed.seq - 1)
+    assert core.is_stored(later) and not core.is_stored(failed)
     core.note_stored([failed])  # custody wrote it
     assert core.stored_mark("r1") == (failed.seq, later.seq)
+    assert core.is_stored(failed)
 
 
 def test_a_message_that_waited_for_its_commit_does_not_hold_the_mark() -> None:
