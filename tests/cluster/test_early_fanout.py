@@ -31,35 +31,29 @@ from .test_message_plane import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("early_fanout"), nodes=3, ports=allocate_ports(3),
-                       up_args=("--early-fanout",))
+def three_nodes(factory: pytest.TempPathFactory, name: str, **options):
+    """A 3-node `sms up` for the module, stopped after it (options: ClusterProcess's)."""
+    c = ClusterProcess(data_dir=factory.mktemp(name), nodes=3, ports=allocate_ports(3), **options)
     c.start()
     yield c
     if c.proc is not None and c.proc.poll() is None:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    yield from three_nodes(tmp_path_factory, "early_fanout", up_args=("--early-fanout",))
 
 
 @pytest.fixture(scope="module")
 def commit_first(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("commit_first"), nodes=3, ports=allocate_ports(3),
-                       up_args=("--commit-first",))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    yield from three_nodes(tmp_path_factory, "commit_first", up_args=("--commit-first",))
 
 
 @pytest.fixture(scope="module")
 def gossip_only(tmp_path_factory: pytest.TempPathFactory):
     """Early fan-out with frames over GossipSub only (as in a cluster beyond direct push's 16 peers)."""
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("gossip_only"), nodes=3, ports=allocate_ports(3),
-                       env={"SMS_DIRECT_MAX_PEERS": "0"})
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    yield from three_nodes(tmp_path_factory, "gossip_only", env={"SMS_DIRECT_MAX_PEERS": "0"})
 
 
 async def healthy(http: httpx.AsyncClient, base: str) -> bool:
@@ -71,6 +65,38 @@ async def healthy(http: httpx.AsyncClient, base: str) -> bool:
 
 async def statuses(http: httpx.AsyncClient, cluster: ClusterProcess) -> list[dict]:
     return [(await http.get(cluster.http(i) + "/v1/status")).json() for i in range(3)]
+
+
+# Node 0's INSERTs of messages waiting on a lock this test holds.
+WAITING_INSERTS = ("SELECT count(*) FROM pg_stat_activity "
+                   "WHERE wait_event_type = 'Lock' AND query ILIKE '%insert into messages%'")
+
+
+def end_waiting_inserts(lock: psycopg.Connection) -> int:
+    """Ends node 0's INSERT still waiting in PostgreSQL, which would run it once the lock goes:
+    as a node that died before its write reached the database. Returns how many it ended."""
+    return lock.execute(WAITING_INSERTS.replace("count(*)", "count(pg_terminate_backend(pid))")).fetchone()[0]
+
+
+async def a_room_with_a_first_message(http: httpx.AsyncClient, cluster: ClusterProcess):
+    """(room, users, alice's headers) once node 0 is healthy and has stored the room's first
+    message (after a start a room's first message waits for its commit; later ones may go out early)."""
+    with trio.fail_after(60):  # node 0 may still be restarting after an earlier kill
+        while not await healthy(http, cluster.http(0)):
+            await trio.sleep(0.2)
+    room, users = await setup_room(cluster, http)
+    hdr = {"Authorization": f"Bearer {users[0][1]}"}
+    first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
+    assert first.status_code == 200
+    return room, users, hdr
+
+
+async def send_never_acknowledged(http: httpx.AsyncClient, cluster: ClusterProcess, room: str, hdr: dict,
+                                  body: str) -> None:
+    try:  # its node dies first, and it is not retried
+        await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/doomed", json={"body": body}, headers=hdr)
+    except httpx.HTTPError:
+        pass
 
 
 async def test_with_early_fanout_a_thousand_concurrent_messages_arrive_exactly_once(cluster: ClusterProcess) -> None:
@@ -147,14 +173,7 @@ async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_
     """Seen on its own node too: that node hands it to its clients only once the frame has been
     written to its peers, so they can keep it."""
     async with httpx.AsyncClient(timeout=30) as http:
-        with trio.fail_after(60):  # node 0 may still be restarting after an earlier kill
-            while not await healthy(http, cluster.http(0)):
-                await trio.sleep(0.2)
-        room, users = await setup_room(cluster, http)
-        hdr = {"Authorization": f"Bearer {users[0][1]}"}
-        # After a start a room's first message waits for its commit; later ones may go out early.
-        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
-        assert first.status_code == 200
+        room, users, hdr = await a_room_with_a_first_message(http, cluster)
         watcher = Listener([cluster.http(seen_on)], users[seen_on][1])
 
         async def stored_by_peers() -> int:  # nodes 1 and 2 (node 0 is about to die)
@@ -167,26 +186,13 @@ async def test_a_message_clients_saw_from_a_node_that_died_before_storing_it_is_
             lock.execute("LOCK TABLE messages IN SHARE MODE")
             async with trio.open_nursery() as nursery:
                 await nursery.start(watcher.run)
-
-                async def doomed_send() -> None:
-                    try:  # never acknowledged: its node dies first, and it is not retried
-                        await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/doomed",
-                                       json={"body": "seen, never committed by its node"}, headers=hdr)
-                    except httpx.HTTPError:
-                        pass
-
-                nursery.start_soon(doomed_send)
+                nursery.start_soon(send_never_acknowledged, http, cluster, room, hdr, "seen, never committed by its node")
                 with trio.fail_after(20):
                     while not any(e["body"] == "seen, never committed by its node" for e in watcher.events):
                         await trio.sleep(0.02)
                 os.kill(cluster.pid(0), signal.SIGKILL)
                 await trio.sleep(0.5)
-                # The dead node's INSERT still waits in PostgreSQL, which would run it once the lock
-                # goes: end it, as a node that died before its write reached the database.
-                ended = lock.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND query ILIKE '%insert into messages%'").fetchone()[0]
-                assert ended >= 1, "node 0's write was not waiting on the lock"
+                assert end_waiting_inserts(lock) >= 1, "node 0's write was not waiting on the lock"
                 lock.rollback()
                 doomed = next(e for e in watcher.events if e["body"] == "seen, never committed by its node")
                 nursery.cancel_scope.cancel()  # (a watcher on node 0 would keep reconnecting)
@@ -203,40 +209,23 @@ async def test_commit_first_no_client_sees_a_message_its_node_has_not_stored(com
     no client ever sees that message (with early fan-out every member would have it by then)."""
     cluster = commit_first
     async with httpx.AsyncClient(timeout=30) as http:
-        with trio.fail_after(60):  # node 0 may still be restarting after an earlier kill
-            while not await healthy(http, cluster.http(0)):
-                await trio.sleep(0.2)
-        room, users = await setup_room(cluster, http)
-        hdr = {"Authorization": f"Bearer {users[0][1]}"}
-        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
-        assert first.status_code == 200
+        room, users, hdr = await a_room_with_a_first_message(http, cluster)
         watchers = [Listener([cluster.http(i)], users[i][1]) for i in range(3)]
         lock = psycopg.connect(cluster.info["db"])
         probe = psycopg.connect(cluster.info["db"], autocommit=True)
-        waiting = ("SELECT count(*) FROM pg_stat_activity "
-                   "WHERE wait_event_type = 'Lock' AND query ILIKE '%insert into messages%'")
         try:
             lock.execute("LOCK TABLE messages IN SHARE MODE")
             async with trio.open_nursery() as nursery:
                 for w in watchers:
                     await nursery.start(w.run)
-
-                async def doomed_send() -> None:
-                    try:  # never acknowledged: its node dies first, and it is not retried
-                        await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/doomed",
-                                       json={"body": "never committed"}, headers=hdr)
-                    except httpx.HTTPError:
-                        pass
-
-                nursery.start_soon(doomed_send)
+                nursery.start_soon(send_never_acknowledged, http, cluster, room, hdr, "never committed")
                 with trio.fail_after(20):  # node 0's INSERT is on its way and waits for the lock
-                    while probe.execute(waiting).fetchone()[0] < 1:
+                    while probe.execute(WAITING_INSERTS).fetchone()[0] < 1:
                         await trio.sleep(0.05)
                 await trio.sleep(1.0)  # what early fan-out would have shown by now
                 os.kill(cluster.pid(0), signal.SIGKILL)
                 await trio.sleep(0.5)
-                ended = lock.execute(waiting.replace("count(*)", "count(pg_terminate_backend(pid))")).fetchone()[0]
-                assert ended >= 1, "node 0's write was not waiting on the lock"
+                assert end_waiting_inserts(lock) >= 1, "node 0's write was not waiting on the lock"
                 lock.rollback()
                 await trio.sleep(1.0)
                 nursery.cancel_scope.cancel()
@@ -256,10 +245,7 @@ async def test_over_gossipsub_a_nodes_own_clients_wait_for_the_commit_and_peers_
     stored. Its peers, which have the frame, show it at once (and keep it: custody)."""
     cluster = gossip_only
     async with httpx.AsyncClient(timeout=30) as http:
-        room, users = await setup_room(cluster, http)
-        hdr = {"Authorization": f"Bearer {users[0][1]}"}
-        first = await http.put(cluster.http(0) + f"/v1/rooms/{room}/messages/first", json={"body": "first"}, headers=hdr)
-        assert first.status_code == 200  # after a start a room's first message waits for its commit
+        room, users, hdr = await a_room_with_a_first_message(http, cluster)
         own, peer = Listener([cluster.http(0)], users[0][1]), Listener([cluster.http(1)], users[1][1])
 
         def seen(listener: Listener) -> bool:
