@@ -671,13 +671,17 @@ class P2PNode:
         when every connected peer has one (and they are few enough), over GossipSub otherwise.
         True if it was written to every node's direct stream or lane (into the kernel, which
         sends it even if this process dies); False if it went over GossipSub, whose queues
-        die with the process, or failed."""
+        die with the process, or failed, or there was no peer to send it to."""
         if room_id not in self._rooms:
             await self.join_room(room_id)
         if await self._push_direct(room_id, data):
             self.stats.frames_published += 1
             self.stats.bytes_published += len(data)
             return True
+        if not any(self._admitted(str(p)) for p in self.host.get_connected_peers()):
+            # Alone: GossipSub would spend its CPU on a frame for no one. Peers that come later
+            # get what history holds through sync.
+            return False
         try:
             await self.pubsub.publish(room_topic(room_id), data)
         except Exception as exc:  # translated: the sync protocol repairs what gossip lost

@@ -94,7 +94,7 @@ async def test_frames_go_on_direct_streams_and_each_peer_gets_each_once():
     async with mesh(alice, bob, carol):
         sent = [b"frame %d " % i + b"x" * 2000 for i in range(50)]
         for data in sent:
-            await alice.node.publish(ROOM, data)
+            assert await alice.node.publish(ROOM, data) is True  # written to every peer's stream
         await wait_for(lambda: len(bob.got) == 50 and len(carol.got) == 50, what="50 frames each")
         await trio.sleep(0.3)  # nothing more comes: no forwarded copies
     for peer in (bob, carol):
@@ -145,12 +145,19 @@ async def test_a_peer_without_direct_streams_gets_the_frames_over_gossipsub():
         await wait_for(lambda: alice.node.stats.direct_link_failures >= 1 and bob.id in alice.node._links,
                        what="alice's streams tried")
         for i in range(10):
-            await alice.node.publish(ROOM, b"gossiped %d" % i)
+            assert await alice.node.publish(ROOM, b"gossiped %d" % i) is False  # in GossipSub's queues
         await wait_for(lambda: len(bob.got) == 10 and len(carol.got) == 10, what="10 frames each")
         await trio.sleep(0.3)
     assert alice.node.stats.direct_frames_out == 0 and alice.node.stats.direct_fallbacks >= 10
     assert sorted(bob.frames()) == sorted(carol.frames()) == sorted(b"gossiped %d" % i for i in range(10))
     assert bob.node.stats.direct_frames_in == 0
+
+
+async def test_a_node_alone_publishes_nothing_and_says_no_peer_got_the_frame():
+    alone = Peer()
+    async with mesh(alone, links=False):
+        assert await alone.node.publish(ROOM, b"for no one") is False
+    assert alone.node.stats.frames_published == 0
 
 
 async def test_a_frame_that_comes_both_ways_is_handed_over_once():
