@@ -1,7 +1,8 @@
 """`sms bench`: registered on the main app.
 
     sms bench sweep         raise the offered rate until p99 > 100 ms or loss; sms and baselines
-    sms bench run           fixed rates (--rate, repeatable)
+    sms bench run           fixed rates (--rate, repeatable; --repeat N runs it all N times)
+    sms bench ratio FILE..  sms p99 / a baseline's across repeated runs (median, spread)
     sms bench conn-scale    many WebSocket connections, a few percent chatting
     sms bench node-scale    1, 3, 5, 10 nodes at one rate
     sms bench plot FILE     PNGs from a result file
@@ -94,18 +95,56 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
         send_via: str = common["send_via"],
+        repeat: int = typer.Option(1, min=1, max=20, help="Run everything this many times (fresh clusters each "
+                                                          "time, sms then the baselines), one result file each, "
+                                                          "then print p99 ratios over the runs (median, spread)."),
         out: Path = typer.Option(RESULTS),
         work_dir: Optional[Path] = typer.Option(None),
     ) -> None:
         """Fixed offered rates against sms (and optionally the baselines)."""
         _set_patience(retries, quiet_wait)
+        from .report import ratios_table
         from .schedule import Workload
         from .sweep import SweepPolicy
 
         w = Workload(clients=clients, senders=senders, rooms=rooms, body_bytes=body_bytes, duration_s=duration,
                      warmup_s=warmup, drain_s=drain, max_in_flight=max_in_flight, rate=rate[0]).validate()
-        _run_load("point", cluster, nodes, w, SweepPolicy(start_rate=min(rate), max_rate=max(rate)), list(rate),
-                  baselines, profile, out, work_dir, send_via)
+        docs = []
+        for i in range(repeat):
+            if repeat > 1:
+                _say(f"== run {i + 1} of {repeat}")
+            docs.append(_run_load("point", cluster, nodes, w, SweepPolicy(start_rate=min(rate), max_rate=max(rate)),
+                                  list(rate), baselines, profile, out, work_dir, send_via,
+                                  suffix=f"-{i + 1}of{repeat}" if repeat > 1 else ""))
+        if repeat > 1:
+            _say_ratios(docs, ratios_table)
+
+    @bench.command("ratio")
+    def ratio_cmd(
+        results: List[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                             help="Result JSON files of runs that measured both systems."),
+        baseline: str = typer.Option("nats", help="The system to divide by: nats, nats-fsync, sms-commit-first."),
+        system: str = typer.Option("sms", help="The system to divide."),
+        target: float = typer.Option(2.0, min=0.01, help="Count the runs whose ratio is at most this."),
+    ) -> None:
+        """sms p99 / a baseline's p99 per offered rate across repeated runs: median, lowest, highest,
+        and how many runs were within the target (the issue's is 2×)."""
+        import json
+
+        from .report import ratios_table
+        from .results import SchemaError, validate_result
+
+        docs = []
+        for path in results:
+            try:
+                docs.append(validate_result(json.loads(path.read_text())))
+            except (ValueError, SchemaError) as err:
+                raise typer.BadParameter(f"{path} is not a result file ({err})") from None
+        table = ratios_table(docs, baseline, system, target)
+        if not table:
+            raise typer.BadParameter(f"no file measured both {system} and {baseline} at the same rate; "
+                                     f"run `sms bench run --baselines {baseline} --repeat N`")
+        typer.echo(table)
 
     @bench.command("conn-scale")
     def conn_scale_cmd(
@@ -163,6 +202,13 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {p}")
 
 
+def _say_ratios(docs: list[dict], ratios_table) -> None:
+    for baseline in ("nats", "nats-fsync", "sms-commit-first"):
+        table = ratios_table(docs, baseline)
+        if table:
+            _say(f"\nsms p99 / {baseline} p99 over {len(docs)} runs:\n{table}")
+
+
 def _set_patience(retries: int, quiet_wait: float) -> None:
     from . import runner
 
@@ -177,7 +223,9 @@ def make_plots(doc: dict, out: Path, stem: str) -> list[Path]:
     return [plots.latency_vs_rate(doc, out / f"{stem}-latency.png"), plots.latency_cdf(doc, out / f"{stem}-cdf.png")]
 
 
-def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, out, work_dir, send_via="ws") -> None:
+def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, out, work_dir, send_via="ws",
+              suffix: str = "") -> dict:
+    """Runs sms and the wanted baselines, writes the result file (and plots); returns the result."""
     import trio
 
     from .results import result_doc, write_result
@@ -192,7 +240,7 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
     bad = [b for b in wanted if b not in BASELINES]
     if bad:
         raise typer.BadParameter(f"unknown baseline(s) {bad}; use {', '.join(BASELINES)}")
-    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
     systems: dict = {}
     notes: list[str] = []
     t0 = time.monotonic()
@@ -229,3 +277,4 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
              f"`sms bench plot {path}` draws them later")
     for name, s in systems.items():
         _say(f"{name}: highest rate that held = {s['max_sustained_rate']} sends/s ({s['stop_reason']})")
+    return doc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import median
+
 
 def _f(v, nd: int = 1) -> str:
     if v is None:
@@ -65,6 +67,34 @@ def versus_nats(doc: dict, baseline: str = "nats", system: str = "sms") -> list[
             out.append((p["offered_rate"], p["delivery_ms"]["p99"], q["delivery_ms"]["p99"],
                         round(p["delivery_ms"]["p99"] / q["delivery_ms"]["p99"], 2)))
     return out
+
+
+def ratios_over_runs(docs: list[dict], baseline: str = "nats", system: str = "sms",
+                     target: float = 2.0) -> list[dict]:
+    """Per offered rate, `system`'s p99 over `baseline`'s across repeated runs (each document one
+    run that measured both): how many runs, the median, lowest and highest ratio, and in how many
+    the ratio was within `target`. One run's p99 moves with the machine's spells; the spread over
+    runs says how far to trust it."""
+    by_rate: dict[float, list[float]] = {}
+    for doc in docs:
+        for rate, _, _, ratio in versus_nats(doc, baseline, system):
+            by_rate.setdefault(rate, []).append(ratio)
+    return [{"rate": rate, "runs": len(r), "median": round(median(r), 2), "low": min(r), "high": max(r),
+             "within": sum(1 for x in r if x <= target)}
+            for rate, r in sorted(by_rate.items())]
+
+
+def ratios_table(docs: list[dict], baseline: str = "nats", system: str = "sms", target: float = 2.0) -> str:
+    """ratios_over_runs as markdown ('' when no document measured both systems)."""
+    rows = ratios_over_runs(docs, baseline, system, target)
+    if not rows:
+        return ""
+    out = [f"| offered/s | runs | median {system} / {baseline} p99 | lowest | highest | within {_f(target, 1)}× |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {_f(r['rate'], 0) if float(r['rate']).is_integer() else _f(r['rate'], 2)} | {r['runs']} "
+            f"| {_f(r['median'], 2)} | {_f(r['low'], 2)} | {_f(r['high'], 2)} | {r['within']} of {r['runs']} |"
+            for r in rows]
+    return "\n".join(out)
 
 
 def resources_table(doc: dict, system: str = "sms") -> str:

@@ -19,12 +19,17 @@ pytestmark = pytest.mark.slow
 async def test_a_bench_point_against_a_running_cluster_delivers_every_message_once(cluster: ClusterProcess, tmp_path) -> None:
     cmd = [sys.executable, "-m", "sms.cli.main", "bench", "run", "--cluster", str(cluster.data_dir / "cluster.json"),
            "--rate", "30", "--duration", "2", "--warmup", "0.5", "--drain", "5", "--retries", "0",
-           "--quiet-wait", "0", "--out", str(tmp_path), "--baselines", "sms-commit-first"]
+           "--quiet-wait", "0", "--out", str(tmp_path), "--baselines", "sms-commit-first", "--repeat", "2"]
     with trio.fail_after(240):
         done = await trio.run_process(cmd, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
     output = done.stdout.decode(errors="replace")
     assert done.returncode == 0, output
-    [result] = tmp_path.glob("point-*.json")
+    # --repeat 2: the whole run twice, a result file each, then the p99 ratios over both runs
+    [first, result] = sorted(tmp_path.glob("point-*.json"))
+    assert first.name.endswith("-1of2.json") and result.name.endswith("-2of2.json")
+    assert json.loads(first.read_text())["systems"]["sms"]["points"][0]["lost"] == 0
+    assert "sms p99 / sms-commit-first p99 over 2 runs:" in output
+    assert "| 30 | 2 |" in output  # the rate, measured in both runs
     doc = json.loads(result.read_text())
     [point] = doc["systems"]["sms"]["points"]
     assert point["offered_rate"] == 30

@@ -113,3 +113,60 @@ def test_the_summary_says_which_sms_a_result_measured():
                                           "layout": {"nodes": 3, "fanout": "commit first"}}
     text = summary_table(doc)
     assert "| sms (early fan-out) | 100 |" in text and "| sms-commit-first (commit first) | 100 |" in text
+
+
+def run_doc(rates_p99s: dict[float, tuple[float, float]], baseline: str = "nats") -> dict:
+    """One repeated run: {rate: (sms p99, baseline p99)}."""
+    doc = result_doc("point", {"workload": {}}, {
+        "sms": {"points": [pt(r, True) for r in rates_p99s], "max_sustained_rate": max(rates_p99s)},
+        baseline: {"points": [pt(r, True) for r in rates_p99s], "max_sustained_rate": max(rates_p99s)},
+    }, env=ENV)
+    for i, (mine, theirs) in enumerate(rates_p99s.values()):
+        doc["systems"]["sms"]["points"][i]["delivery_ms"]["p99"] = mine
+        doc["systems"][baseline]["points"][i]["delivery_ms"]["p99"] = theirs
+    return doc
+
+
+def test_ratios_over_repeated_runs_give_the_median_the_spread_and_the_runs_within_target():
+    from sms.benchmarks.report import ratios_over_runs, ratios_table
+
+    docs = [run_doc({800: (3.0, 2.0), 1600: (8.0, 4.0)}),
+            run_doc({800: (2.0, 2.0), 1600: (9.0, 4.0)}),
+            run_doc({800: (5.0, 2.0), 1600: (6.0, 4.0)}),
+            run_doc({1600: (4.0, 4.0)}),
+            sweep_doc()]  # no NATS in it: not a pair, left out
+    rows = ratios_over_runs(docs)
+    assert rows == [
+        {"rate": 800, "runs": 3, "median": 1.5, "low": 1.0, "high": 2.5, "within": 2},
+        {"rate": 1600, "runs": 4, "median": 1.75, "low": 1.0, "high": 2.25, "within": 3},
+    ]
+    assert ratios_over_runs(docs, target=1.2)[1]["within"] == 1
+    table = ratios_table(docs)
+    assert "| 800 | 3 | 1.50 | 1.00 | 2.50 | 2 of 3 |" in table
+    assert "| 1600 | 4 | 1.75 | 1.00 | 2.25 | 3 of 4 |" in table
+    assert ratios_table(docs, "nats-fsync") == ""
+    other = [run_doc({800: (3.0, 6.0)}, baseline="sms-commit-first")]
+    assert ratios_over_runs(other, "sms-commit-first")[0]["median"] == 0.5
+
+
+def test_the_ratio_command_reads_result_files_and_refuses_files_without_the_pair(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sms.cli.main import app
+
+    files = []
+    for i, p99s in enumerate([(3.0, 2.0), (5.0, 2.0)]):
+        files.append(tmp_path / f"point-{i}.json")
+        files[-1].write_text(json.dumps(run_doc({1600: p99s})))
+    done = CliRunner().invoke(app, ["bench", "ratio", *map(str, files)])
+    assert done.exit_code == 0, done.output
+    assert "| 1600 | 2 | 2.00 | 1.50 | 2.50 | 1 of 2 |" in done.output
+    wide = {"COLUMNS": "1000"}  # typer's error box would wrap the long paths
+    done = CliRunner().invoke(app, ["bench", "ratio", *map(str, files), "--baseline", "nats-fsync"], env=wide)
+    assert done.exit_code != 0 and "no file measured both sms and nats-fsync" in done.output
+    for text in ("{not json", "{}"):
+        (tmp_path / "bad.json").write_text(text)
+        done = CliRunner().invoke(app, ["bench", "ratio", str(tmp_path / "bad.json")], env=wide)
+        assert done.exit_code != 0 and "bad.json is not a result file" in done.output
