@@ -136,6 +136,8 @@ class Recorder:
         latencies: list[float] = []
         by_path: tuple[list[float], list[float]] = ([], [])  # recipient on the sender's node, on another
         nodes = self.plan.client_nodes
+        firsts: list[float] = []  # per message: to its first recipient
+        spreads: list[float] = []  # per delivery: after its message's first recipient
         acks: list[float] = []
         lags: list[float] = []
         sent = acked = failed = skipped = expected = delivered = 0
@@ -162,6 +164,10 @@ class Recorder:
                 delivered += 1
                 latencies.append(td - t)
                 by_path[nodes[c] != sender_node].append(td - t)
+            if got:
+                first_at = min(got.values())
+                firsts.append(first_at - t)
+                spreads.extend(td - first_at for td in got.values())
         measured_total = n - first
         return {
             "scheduled": measured_total,
@@ -180,6 +186,11 @@ class Recorder:
             # client of another node (through the mesh): where the latency comes from.
             "delivery_ms_same_node": summarize_ms(by_path[0]),
             "delivery_ms_other_node": summarize_ms(by_path[1]),
+            # Each message's wait until its first recipient had it (leaving the sender and its
+            # node), and each delivery's wait beyond that (reaching every other member): the
+            # two halves of a delivery's latency, so a tail can be told to be one or the other.
+            "first_delivery_ms": summarize_ms(firsts),
+            "fanout_spread_ms": summarize_ms(spreads),
             "ack_ms": summarize_ms(acks),
             "lag_ms": summarize_ms(lags),
             "throughput": {

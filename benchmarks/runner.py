@@ -56,8 +56,9 @@ def point_record(rec: Recorder, workload: Workload, resources: dict, policy: Swe
 
 def point_line(system: str, p: dict) -> str:
     d = p["delivery_ms"]
+    first = p.get("first_delivery_ms") or {}
     return (f"  {system:9s} R={p['offered_rate']:>8g}/s  p50={d['p50']} p99={d['p99']} max={d['max']} ms  "
-            f"ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
+            f"first p99={first.get('p99')} ms  ack p99={p['ack_ms']['p99']} ms  lost={p['lost']}/{p['expected_deliveries']} dup={p['duplicates']} "
             f"err={p['send_errors']} notsent={p['not_sent']}  {p['throughput']['deliveries_per_s']:g} deliv/s  "
             f"gen cpu={p['generator_cpu_percent']}%  other cpu={p['other_cpu_percent']}%  runq wait={p.get('runqueue_wait_percent')}%  "
             + (f"msgs/frame={p['node_metrics']['messages_per_frame']}  " if p.get("node_metrics") else "")

@@ -105,6 +105,10 @@ def test_recorder_splits_latency_by_whether_the_recipient_shares_the_senders_nod
     assert s["delivery_ms_same_node"]["count"] == 1 and s["delivery_ms_same_node"]["max"] == 5.0
     assert s["delivery_ms_other_node"]["count"] == 2 and s["delivery_ms_other_node"]["mean"] == 50.0
     assert s["delivery_ms"]["count"] == 3
+    # the message reached its first recipient after 5 ms; the others 35 and 55 ms after that one
+    assert s["first_delivery_ms"]["count"] == 1 and s["first_delivery_ms"]["max"] == 5.0
+    assert s["fanout_spread_ms"]["count"] == 3 and s["fanout_spread_ms"]["max"] == 55.0
+    assert s["fanout_spread_ms"]["p50"] == 35.0
 
 
 def test_recorder_export_merge_round_trip():
