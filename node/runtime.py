@@ -30,7 +30,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgpack
 import trio
@@ -420,10 +420,13 @@ class Node:
             raise outcome
         return outcome
 
-    async def send_many(self, user_id: str, requests: list[tuple[str, str, object]]) -> list[Message | SmsError]:
+    async def send_many(self, user_id: str, requests: list[tuple[str, str, object]],
+                        on_sequenced: Callable[[], None] | None = None) -> list[Message | SmsError]:
         """Several sends of one user, as (room_id, txn_id, body): the outcome of each, in order, a
         stored message or the error it was refused with. They share one trip to the database
-        (the events socket gathers a connection's sends that arrive while earlier ones commit)."""
+        (the events socket gathers a connection's sends that arrive while earlier ones commit).
+        `on_sequenced` is called once the core has numbered them (or refused them), before
+        anything waits for the database: sends started after that come after them in order."""
         for room_id in dict.fromkeys(r[0] for r in requests):
             if self.cache.room(room_id) is not None:
                 await self.ready_room(room_id)
@@ -433,6 +436,8 @@ class Node:
         for room_id, txn_id, body in requests:
             ids.append(next(self._request_ids))
             effects += self.core.step(SendRequested(ids[-1], user_id, room_id, txn_id, body, now))  # type: ignore[arg-type]
+        if on_sequenced is not None:
+            on_sequenced()
         outcomes = await self._carry_out(effects)
         missing = [i for i in ids if i not in outcomes]
         assert not missing, "the core must reply to every send"

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 import trio
@@ -445,9 +445,11 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
             raise outcome
         return {"message_id": outcome.message_id, "ts": outcome.ts}
 
-    async def send_messages(token: str | None, requests: list[dict]) -> list[Message | SmsError]:
+    async def send_messages(token: str | None, requests: list[dict],
+                            on_sequenced: Callable[[], None] | None = None) -> list[Message | SmsError]:
         """Sends of one client, the same checks as send_message for each; the outcome of each in
-        order (a send over its rate limit is refused alone). Raises only if authentication fails."""
+        order (a send over its rate limit is refused alone). Raises only if authentication fails.
+        `on_sequenced`: as Node.send_many's (not called when nothing reaches the node)."""
         user_id = await node.authenticate(token)
         outcomes: list[Message | SmsError | None] = []
         allowed: list[tuple[str, str, object]] = []
@@ -459,7 +461,7 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                 continue
             outcomes.append(None)
             allowed.append((r["room_id"], r["txn_id"], r["body"]))
-        sent = iter(await node.send_many(user_id, allowed) if allowed else ())
+        sent = iter(await node.send_many(user_id, allowed, on_sequenced) if allowed else ())
         return [o if o is not None else next(sent) for o in outcomes]
 
     @v1.get("/v1/rooms/{room_id}/messages", tags=["messages"], responses=ok(HistoryOut))
@@ -663,12 +665,13 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
         in_flight = 0                 # sends read and not yet answered
         room_for_more = trio.Event()  # set when in_flight drops below WS_MAX_IN_FLIGHT
 
-        async def run_sends(requests: list[dict]) -> None:
-            """Sends carried out together (one database trip), each answered."""
+        async def run_sends(requests: list[dict], sequenced: trio.Event | None = None) -> None:
+            """Sends carried out together (one database trip), each answered. `sequenced` is set
+            once they are numbered (or refused): the connection's next sends may start."""
             nonlocal in_flight, room_for_more
             try:
                 try:
-                    outcomes = await send_messages(token, requests)
+                    outcomes = await send_messages(token, requests, None if sequenced is None else sequenced.set)
                 except SmsError as err:  # authentication failed: every one of them is refused
                     outcomes = [err] * len(requests)
                 for request, outcome in zip(requests, outcomes):
@@ -690,13 +693,19 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         break
             finally:
+                if sequenced is not None:
+                    sequenced.set()  # also when they never reached the core (refused, or a bug)
                 in_flight -= len(requests)
                 if in_flight < WS_MAX_IN_FLIGHT:
                     room_for_more.set()
 
-        async def carry_out_sends(requests: trio.MemoryReceiveChannel) -> None:
-            """Carries out the client's sends, everything that arrived meanwhile together: while
-            one group waits for its commit, the next gathers (the database trip is shared)."""
+        async def carry_out_sends(requests: trio.MemoryReceiveChannel, sends: trio.Nursery) -> None:
+            """Carries out the client's sends in order, everything that arrived meanwhile together.
+            Commit first: while one group waits for its commit, the next gathers (the database
+            trip is shared). Early fan-out: the next group starts as soon as this one is
+            numbered, and the commits overlap; a message goes out before its commit anyway, and
+            one that waited for the previous group's commit would carry that commit's time, a
+            stalled database's included, into its delivery."""
             async with requests:
                 async for first in requests:
                     group = [first]
@@ -705,13 +714,18 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
                             group.append(requests.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await run_sends(group)
+                    if not node.config.early_fanout:
+                        await run_sends(group)
+                        continue
+                    sequenced = trio.Event()
+                    sends.start_soon(run_sends, group, sequenced)
+                    await sequenced.wait()
 
         async def read_client(sends: trio.Nursery, done: trio.CancelScope) -> None:
             # Reading is also how we notice the client left.
             nonlocal in_flight, room_for_more
             to_carry_out, requests = trio.open_memory_channel[dict](math.inf)  # bounded by in_flight
-            sends.start_soon(carry_out_sends, requests)
+            sends.start_soon(carry_out_sends, requests, sends)
             try:
                 async with to_carry_out:
                     while True:

@@ -9,6 +9,7 @@ no client a message before its commit."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,8 +18,10 @@ import httpx
 import psycopg
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from .harness import ClusterProcess, allocate_ports
+from .test_ws_send import send_frame
 from .test_message_plane import (
     Listener,
     a_thousand_concurrent_messages_arrive_exactly_once,
@@ -279,3 +282,49 @@ async def test_over_gossipsub_a_nodes_own_clients_wait_for_the_commit_and_peers_
         finally:
             lock.close()
         assert [e["body"] for e in own.events].count("held back") == 1
+
+
+async def test_a_stalled_commit_does_not_hold_back_a_connections_later_sends(cluster: ClusterProcess) -> None:
+    """With early fan-out a connection's next sends start once its earlier ones are numbered, not
+    once they are committed: while the database holds node 0's INSERT back, a message sent on the
+    same socket after it still reaches a peer's client at once (and in order), and both are
+    acknowledged once the commit goes through. (Commit first, the second would wait: the test
+    above shows nothing is delivered before its commit there.)"""
+    async with httpx.AsyncClient(timeout=30) as http:
+        room, users, _ = await a_room_with_a_first_message(http, cluster)
+        peer = Listener([cluster.http(1)], users[1][1])
+
+        def seen() -> list[str]:
+            return [e["body"] for e in peer.events if e.get("body") in ("before", "after")]
+
+        lock = psycopg.connect(cluster.info["db"])
+        probe = psycopg.connect(cluster.info["db"], autocommit=True)
+        try:
+            lock.execute("LOCK TABLE messages IN SHARE MODE")
+            url = cluster.http(0).replace("http://", "ws://") + f"/v1/events?token={users[0][1]}"
+            async with trio.open_nursery() as nursery, open_websocket_url(url) as ws:
+                await nursery.start(peer.run)
+                await send_frame(ws, room, "before", "before")
+                with trio.fail_after(20):  # out early, its INSERT waiting on the lock
+                    while seen() != ["before"] or probe.execute(WAITING_INSERTS).fetchone()[0] < 1:
+                        await trio.sleep(0.02)
+                await send_frame(ws, room, "after", "after")
+                with trio.fail_after(20):  # not behind the first one's commit
+                    while seen() != ["before", "after"]:
+                        await trio.sleep(0.02)
+                assert probe.execute(WAITING_INSERTS).fetchone()[0] >= 1  # still waiting
+                lock.rollback()
+                acked = set()
+                with trio.fail_after(20):
+                    while acked != {"before", "after"}:
+                        event = json.loads(await ws.get_message())
+                        for e in event.get("events", [event]):
+                            if e.get("type") == "ack":
+                                acked.add(e["txn_id"])
+                nursery.cancel_scope.cancel()
+        finally:
+            lock.close()
+            probe.close()
+        page = (await http.get(cluster.http(2) + f"/v1/rooms/{room}/messages", params={"limit": 10},
+                               headers={"Authorization": f"Bearer {users[2][1]}"})).json()
+        assert [m["body"] for m in page["messages"]] == ["first", "before", "after"]
