@@ -103,7 +103,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fixed offered rates against sms (and optionally the baselines)."""
         _set_patience(retries, quiet_wait)
-        from .report import ratios_table
         from .schedule import Workload
         from .sweep import SweepPolicy
 
@@ -117,7 +116,7 @@ def register(app: typer.Typer) -> None:
                                   list(rate), baselines, profile, out, work_dir, send_via,
                                   suffix=f"-{i + 1}of{repeat}" if repeat > 1 else ""))
         if repeat > 1:
-            _say_ratios(docs, ratios_table)
+            _say_ratios(docs)
 
     @bench.command("ratio")
     def ratio_cmd(
@@ -202,7 +201,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {p}")
 
 
-def _say_ratios(docs: list[dict], ratios_table) -> None:
+def _say_ratios(docs: list[dict]) -> None:
+    from .report import ratios_table
+
     for baseline in ("nats", "nats-fsync", "sms-commit-first"):
         table = ratios_table(docs, baseline)
         if table:
