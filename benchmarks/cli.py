@@ -21,7 +21,7 @@ from typing import List, Optional
 import typer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ("nats", "nats-fsync", "gossipsub", "sms-commit-first")
+BASELINES = ("nats", "nats-fsync", "nats-cluster", "gossipsub", "sms-commit-first")
 
 
 def _say(line: str) -> None:
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
         refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
         max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
-        baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-commit-first", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), gossipsub, sms-commit-first (sms on a second fresh cluster whose nodes run --commit-first: nothing delivered before its commit) ('' for none)."),
+        baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-commit-first", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), nats-cluster (a JetStream cluster of as many servers as sms has nodes, the stream replicated on each), gossipsub, sms-commit-first (sms on a second fresh cluster whose nodes run --commit-first: nothing delivered before its commit) ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         warmup: float = typer.Option(2.0, min=0, max=120),
         drain: float = typer.Option(5.0, min=0, max=60),
         max_in_flight: int = typer.Option(512, min=1),
-        baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, gossipsub, sms-commit-first (a second cluster with --commit-first)."),
+        baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, nats-cluster (one NATS server per sms node, the stream replicated on each), gossipsub, sms-commit-first (a second cluster with --commit-first)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
         quiet_wait: float = typer.Option(30.0, min=0, max=600, help="Wait up to this long for a quiet machine before a point."),
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
     def ratio_cmd(
         results: List[Path] = typer.Argument(..., exists=True, dir_okay=False,
                                              help="Result JSON files of runs that measured both systems."),
-        baseline: str = typer.Option("nats", help="The system to divide by: nats, nats-fsync, sms-commit-first."),
+        baseline: str = typer.Option("nats", help="The system to divide by: nats, nats-fsync, nats-cluster, sms-commit-first."),
         system: str = typer.Option("sms", help="The system to divide."),
         target: float = typer.Option(2.0, min=0.01, help="Count the runs whose ratio is at most this."),
     ) -> None:
@@ -204,7 +204,7 @@ def register(app: typer.Typer) -> None:
 def _say_ratios(docs: list[dict]) -> None:
     from .report import ratios_table
 
-    for baseline in ("nats", "nats-fsync", "sms-commit-first"):
+    for baseline in ("nats", "nats-fsync", "nats-cluster", "sms-commit-first"):
         table = ratios_table(docs, baseline)
         if table:
             _say(f"\nsms p99 / {baseline} p99 over {len(docs)} runs:\n{table}")
@@ -258,6 +258,8 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
             systems["nats"] = nats_system(w, policy, rates, _say, wd)
         if "nats-fsync" in wanted:
             systems["nats-fsync"] = nats_system(w, policy, rates, _say, wd, fsync=True)
+        if "nats-cluster" in wanted:
+            systems["nats-cluster"] = nats_system(w, policy, rates, _say, wd, servers=n_nodes)
         if "gossipsub" in wanted:
             systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)
     from . import runner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = {"sms": "tab:blue", "sms-early": "tab:purple", "sms-commit-first": "tab:cyan", "nats": "tab:green", "nats-fsync": "tab:olive", "gossipsub": "tab:orange"}
+COLORS = {"sms": "tab:blue", "sms-early": "tab:purple", "sms-commit-first": "tab:cyan", "nats": "tab:green", "nats-fsync": "tab:olive", "nats-cluster": "tab:brown", "gossipsub": "tab:orange"}
 
 
 def _plt():

@@ -122,7 +122,8 @@ def render(doc: dict) -> str:
     parts = [f"result {doc['kind']} of {doc['created']} (git {str(doc['git'].get('commit'))[:10]}"
              f"{', dirty' if doc['git'].get('dirty') else ''})", "", summary_table(doc), "", points_table(doc)]
     for system in ("sms", "sms-commit-first", "sms-early"):  # sms-early: results from before it was the default
-        for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write")):
+        for baseline, title in (("nats", "NATS"), ("nats-fsync", "NATS, fsync per write"),
+                                ("nats-cluster", "NATS cluster")):
             vs = versus_nats(doc, baseline, system)
             if vs:
                 parts += ["", f"| offered/s | {system} p99 ms | {title} p99 ms | {system} / {title} |",

@@ -257,18 +257,31 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
 # -- NATS
 
 def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say, work_dir: Path,
-                *, fsync: bool = False) -> dict:
-    from .nats_client import NatsTransport, nats_server, server_pid_groups
+                *, fsync: bool = False, servers: int = 1) -> dict:
+    """NATS JetStream through the same client harness: one server, or (`servers` > 1) a JetStream
+    cluster of that many servers with the stream replicated on each and the clients spread over
+    them like sms's over its nodes."""
+    from contextlib import ExitStack
 
-    name = "nats-fsync" if fsync else "nats"
-    plan = client_plan(workload, 1)
-    with nats_server(work_dir, say, fsync=fsync) as server:
+    from .nats_client import NatsTransport, nats_cluster, nats_server, server_pid_groups
+
+    name = "nats-cluster" if servers > 1 else "nats-fsync" if fsync else "nats"
+    plan = client_plan(workload, servers)
+    with ExitStack() as stack:
+        if servers > 1:
+            started = stack.enter_context(nats_cluster(work_dir, servers, say, fsync=fsync))
+            urls, pids = started["urls"], started["pids"]
+        else:
+            started = stack.enter_context(nats_server(work_dir, say, fsync=fsync))
+            urls, pids = [started["url"]], [started["pid"]]
+
         async def main() -> dict:
-            transport = NatsTransport(server["url"], plan, say=say)
-            say(f"{name}: {workload.clients} clients, {workload.senders} senders, {workload.rooms} rooms, "
+            transport = NatsTransport(urls, plan, replicas=servers, say=say)
+            layout = f"{servers} servers, the stream on each" if servers > 1 else "1 server"
+            say(f"{name}: {workload.clients} clients, {workload.senders} senders, {workload.rooms} rooms, {layout}, "
                 f"JetStream file storage{' synced at every write' if fsync else ''}, publish waits for the PubAck")
             await transport.setup()
-            groups = server_pid_groups(server["pid"])
+            groups = server_pid_groups(pids)
             shield(groups, say)
 
             async def run_rate(rate: float, i: int) -> dict:
@@ -285,7 +298,8 @@ def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | No
                 await transport.aclose()
 
         result = anyio.run(main, backend="asyncio")
-    result["layout"] = {"servers": 1, "storage": "file", "sync_interval": "always" if fsync else "default (2 min)"}
+    result["layout"] = {"servers": servers, "replicas": servers, "storage": "file",
+                        "sync_interval": "always" if fsync else "default (2 min)"}
     return result
 
 

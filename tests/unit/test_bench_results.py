@@ -87,6 +87,11 @@ def test_report_tables_and_the_nats_comparison():
     doc["systems"]["nats-fsync"]["points"][0]["delivery_ms"]["p99"] = 4.0
     assert versus_nats(doc, "nats-fsync") == [(100, 1.0, 4.0, 0.25)]
     assert "| sms / NATS, fsync per write |" in render(doc)
+    assert "NATS cluster" not in render(doc)
+    doc["systems"]["nats-cluster"] = {"points": [pt(50, True)], "max_sustained_rate": 50}
+    doc["systems"]["nats-cluster"]["points"][0]["delivery_ms"]["p99"] = 2.0
+    assert versus_nats(doc, "nats-cluster") == [(50, 1.0, 2.0, 0.5)]
+    assert "| sms / NATS cluster |" in render(doc)
 
 
 @pytest.mark.parametrize("other", ["sms-commit-first", "sms-early"])  # sms-early: results from before the switch
