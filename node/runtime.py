@@ -1270,6 +1270,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 )
                 await nursery.start(p2p.serve)
                 nursery.start_soon(node.serve_publisher, receive)
+                nursery.start_soon(node.hub.serve_flushes)
                 nursery.start_soon(node.serve_marks)
                 nursery.start_soon(node.serve_custody)
                 nursery.start_soon(node.serve_health_probes)

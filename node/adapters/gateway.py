@@ -657,7 +657,10 @@ def build_app(node) -> FastAPI:  # node: sms.node.runtime.Node
 
         async def answer(event: dict) -> None:
             # Acks and errors queue behind the events already due to this client (and batch with
-            # them); a client that stops reading is closed as "too slow" like for any event.
+            # them: gathered by the hub with its other events while the node flushes, hub.py);
+            # a client that stops reading is closed as "too slow" like for any event.
+            if node.hub.answer(sub, event):
+                return
             if sub.write_now is not None and sub.write_now([event]):
                 return
             await sub.send.send(event)

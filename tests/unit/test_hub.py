@@ -1,6 +1,7 @@
 """The hub's fan-out (node/hub.py): each connection gets its events in order, either taken at once
 (`Subscriber.write_now`) or queued; a connection that takes them at once gets a delivery's
-events in one call, so they can share one frame."""
+events in one call, so they can share one frame; while the hub flushes (serve_flushes), what one
+connection gets within a scheduling round, acks included, is gathered into one call."""
 
 from __future__ import annotations
 
@@ -113,3 +114,75 @@ def test_burned_sequences_reach_the_rooms_connections_in_order_with_their_messag
     assert [e.get("message_id", e["type"]) for e in got] == ["m1", BURNED, "m4"]
     assert (got[1]["room_id"], got[1]["_origin"], got[1]["_ranges"]) == ("r1", "node-a", [(2, 2)])
     assert h.delivered == 4
+
+
+async def test_while_flushes_run_a_connections_events_and_answers_gather_into_one_offer_in_order():
+    h = hub()
+    alice, bob = h.connect("alice"), h.connect("bob")
+    taken: list[list[str]] = []
+    alice.write_now = lambda events: taken.append([e.get("message_id", e["type"]) for e in events]) or True
+    assert not h.answer(alice, {"type": "ack", "txn_id": "t0"})  # no flushes yet: the caller delivers it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve_flushes)
+        await trio.testing.wait_all_tasks_blocked()
+        h.deliver([message(1)])
+        assert h.answer(alice, {"type": "ack", "txn_id": "t9"})
+        h.burn("r1", "node-a", [(2, 2)])
+        h.deliver([message(3), message(4, "r2")])
+        assert taken == [] and queued(bob) == []  # nothing offered before the ready tasks have run
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [["m1", "ack", BURNED, "m3", "m4"]]  # one offer, in the order they came
+        assert [e.get("message_id", e["type"]) for e in queued(bob)] == ["m1", BURNED, "m3"]
+        assert h.delivered == 6  # the burn marker counts as no delivery; the ack does
+        h.deliver([message(5)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken[1:] == [["m5"]]  # the next round's events go in the next offer
+        nursery.cancel_scope.cancel()
+
+
+async def test_gathered_events_a_connection_cannot_take_at_once_queue_in_order():
+    h = hub()
+    alice = h.connect("alice")
+    offered: list[int] = []
+    alice.write_now = lambda events: offered.append(len(events)) and False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve_flushes)
+        await trio.testing.wait_all_tasks_blocked()
+        h.deliver([message(1)])
+        h.publish_event("r1", {"type": "typing", "room_id": "r1", "user_id": "bob", "typing": True})
+        h.deliver([message(2)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert offered == [3]
+        assert [e.get("message_id", e["type"]) for e in queued(alice)] == ["m1", "typing", "m2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_leaves_or_overflows_gets_nothing_of_what_was_gathered_for_it():
+    h = hub()
+    alice, bob = h.connect("alice"), h.connect("bob")
+    alice.write_now = lambda events: (_ for _ in ()).throw(AssertionError("offered after leaving"))
+    bob.write_now = lambda events: (_ for _ in ()).throw(AssertionError("offered after overflowing"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve_flushes)
+        await trio.testing.wait_all_tasks_blocked()
+        h.deliver([message(1)])
+        h.disconnect(alice)
+        bob.overflowed = True
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.delivered == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_what_is_gathered_when_flushes_stop_is_offered_and_later_events_go_at_once():
+    h = hub()
+    alice = h.connect("alice")
+    taken: list[list[str]] = []
+    alice.write_now = lambda events: taken.append([e["message_id"] for e in events]) or True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve_flushes)
+        await trio.testing.wait_all_tasks_blocked()
+        h.deliver([message(1)])
+        nursery.cancel_scope.cancel()
+    assert taken == [["m1"]]
+    h.deliver([message(2)])
+    assert taken == [["m1"], ["m2"]]
