@@ -258,7 +258,10 @@ def _run_load(kind, cluster_file, nodes, w, policy, rates, baselines, profile, o
             systems["nats"] = nats_system(w, policy, rates, _say, wd)
         if "nats-fsync" in wanted:
             systems["nats-fsync"] = nats_system(w, policy, rates, _say, wd, fsync=True)
-        if "nats-cluster" in wanted:
+        if "nats-cluster" in wanted and n_nodes < 2:
+            notes.append("nats-cluster skipped: it runs one NATS server per sms node, and sms ran one node")
+            _say(notes[-1])
+        elif "nats-cluster" in wanted:
             systems["nats-cluster"] = nats_system(w, policy, rates, _say, wd, servers=n_nodes)
         if "gossipsub" in wanted:
             systems["gossipsub"] = trio.run(gossip_system, w, policy, rates, _say)

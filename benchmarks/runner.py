@@ -257,18 +257,19 @@ async def sms_system(cluster: dict, workload: Workload, policy: SweepPolicy, rat
 # -- NATS
 
 def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | None, say: Say, work_dir: Path,
-                *, fsync: bool = False, servers: int = 1) -> dict:
-    """NATS JetStream through the same client harness: one server, or (`servers` > 1) a JetStream
+                *, fsync: bool = False, servers: int | None = None) -> dict:
+    """NATS JetStream through the same client harness: one server, or (`servers`) a JetStream
     cluster of that many servers with the stream replicated on each and the clients spread over
     them like sms's over its nodes."""
     from contextlib import ExitStack
 
     from .nats_client import NatsTransport, nats_cluster, nats_server, server_pid_groups
 
-    name = "nats-cluster" if servers > 1 else "nats-fsync" if fsync else "nats"
+    name = "nats-cluster" if servers is not None else "nats-fsync" if fsync else "nats"
+    servers = servers or 1
     plan = client_plan(workload, servers)
     with ExitStack() as stack:
-        if servers > 1:
+        if name == "nats-cluster":
             started = stack.enter_context(nats_cluster(work_dir, servers, say, fsync=fsync))
             urls, pids = started["urls"], started["pids"]
         else:
