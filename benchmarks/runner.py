@@ -265,11 +265,12 @@ def nats_system(workload: Workload, policy: SweepPolicy, rates: list[float] | No
 
     from .nats_client import NatsTransport, nats_cluster, nats_server, server_pid_groups
 
-    name = "nats-cluster" if servers is not None else "nats-fsync" if fsync else "nats"
+    clustered = servers is not None
+    name = "nats-cluster" if clustered else "nats-fsync" if fsync else "nats"
     servers = servers or 1
     plan = client_plan(workload, servers)
     with ExitStack() as stack:
-        if name == "nats-cluster":
+        if clustered:
             started = stack.enter_context(nats_cluster(work_dir, servers, say, fsync=fsync))
             urls, pids = started["urls"], started["pids"]
         else:

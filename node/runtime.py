@@ -425,8 +425,9 @@ class Node:
         """Several sends of one user, as (room_id, txn_id, body): the outcome of each, in order, a
         stored message or the error it was refused with. They share one trip to the database
         (the events socket gathers a connection's sends that arrive while earlier ones are being
-        numbered, or with commit first committed). `on_sequenced` is called once the core has numbered them (or refused them), before
-        anything waits for the database: sends started after that come after them in order."""
+        numbered, or with commit first committed). `on_sequenced` is called once the core has
+        numbered them (or refused them), before anything waits for the database: sends started
+        after that come after them in order."""
         for room_id in dict.fromkeys(r[0] for r in requests):
             if self.cache.room(room_id) is not None:
                 await self.ready_room(room_id)
