@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core.pacing import CommitPacer, FRAME_CAPS_LANES, FRAME_CAPS_STREAMS
+from .core.pacing import (COMMIT_GAP_COMMIT_FIRST_MS, COMMIT_GAP_EARLY_FANOUT_MS, FRAME_CAPS_LANES,
+                          FRAME_CAPS_STREAMS)
 from .errors import BadRequest
 
 DEFAULT_HTTP_PORT = 8081
@@ -40,7 +41,8 @@ class NodeConfig:
     busy_messages_per_s: float = 600.0
     # The most a busy node leaves between the starts of two commits (CommitPacer); 0: commit as
     # soon as the previous commit is done, at any load (lower latency, more CPU per message).
-    commit_gap_ms: float = CommitPacer.max_gap_s * 1000
+    # None: the default for the fan-out mode (commit_gap_s).
+    commit_gap_ms: float | None = None
     # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
     # 0 turns direct push off (docs/protocol.md, "Direct push").
     direct_max_peers: int = 16  # p2p.DIRECT_MAX_PEERS (not imported here: it would load libp2p)
@@ -77,7 +79,7 @@ class NodeConfig:
             problems.append("--max-frames-per-s must be 0 (no cap) or positive")
         if self.min_frames_per_s is not None and not 0 < self.min_frames_per_s:
             problems.append("--min-frames-per-s must be positive")
-        if not 0 <= self.commit_gap_ms <= 1000:
+        if self.commit_gap_ms is not None and not 0 <= self.commit_gap_ms <= 1000:
             problems.append("--commit-gap-ms must be between 0 (no gap) and 1000")
         if not 0 < self.busy_messages_per_s:
             problems.append("--busy-messages-per-s must be positive")
@@ -101,6 +103,14 @@ class NodeConfig:
         default_max, default_min = FRAME_CAPS_LANES if self.lanes else FRAME_CAPS_STREAMS
         return (default_max if self.max_frames_per_s is None else self.max_frames_per_s,
                 default_min if self.min_frames_per_s is None else self.min_frames_per_s)
+
+    def commit_gap_s(self) -> float:
+        """The largest commit gap, in seconds: the one given, else the default for the mode. With
+        early fan-out a longer gap delays only acks, and saves the database and the nodes CPU;
+        with commit first it delays every delivery (node/core/pacing.py)."""
+        if self.commit_gap_ms is not None:
+            return self.commit_gap_ms / 1000
+        return (COMMIT_GAP_EARLY_FANOUT_MS if self.early_fanout else COMMIT_GAP_COMMIT_FIRST_MS) / 1000
 
     @property
     def identity_path(self) -> Path:

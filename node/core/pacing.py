@@ -149,8 +149,10 @@ class CommitPacer:
     twice), for ~30 more points of node CPU there, and the sweep still held 6,000 sends/s. 2 ms
     (alternated twice at 800/1,600/3,200 sends/s) took p50 at 1,600 from 4.6 to 3.6-3.8 ms but p99
     from 10.1-10.2 to 11.1-13.4 ms, for ~12 more points of node CPU: the processes waited longer
-    for a core (run-queue wait 124-126% → 200-208% of a core, summed). `sms node --commit-gap-ms`
-    sets it."""
+    for a core (run-queue wait 124-126% → 200-208% of a core, summed). All of that was with commit
+    first, where every delivery waits for its commit. With early fan-out (the default) nothing is
+    delivered later for a longer gap; only the sender's ack is, so a busy node commits at most every
+    COMMIT_GAP_EARLY_FANOUT_MS there (the constants below). `sms node --commit-gap-ms` sets it."""
 
     max_gap_s: float = 0.004
     quiet_messages_per_s: float = 300.0
@@ -179,6 +181,15 @@ class CommitPacer:
         if last_start is None:
             return 0.0
         return max(0.0, last_start + self.gap(now) - now)
+
+
+# The largest commit gap by default (NodeConfig.commit_gap_s), in ms. With commit first it is in every
+# delivery of a busy node: 4 (CommitPacer's docstring). With early fan-out it is in the sender's
+# ack only, and 16 ms took PostgreSQL from 19% to 10% of a core at 1,600 sends/s on 3 nodes, the
+# run-queue wait from ~225% to ~145% of a core and delivery p99 from 7.5-8.4 to 5.3-6.2 ms, for
+# ~5 ms more ack p99 (alternated three times with NATS in each run; docs/benchmarks.md).
+COMMIT_GAP_COMMIT_FIRST_MS = CommitPacer.max_gap_s * 1000
+COMMIT_GAP_EARLY_FANOUT_MS = 16.0
 
 
 # What one message may add to a room frame beyond its body: ids, sender, txn id, numbers.
