@@ -111,10 +111,10 @@ def node(
                                        "nodes, as the libp2p port: a peer that cannot reach it uses libp2p."),
     commit_gap_ms: Optional[float] = typer.Option(
         None, envvar="SMS_COMMIT_GAP_MS", min=0, max=1000, show_default="16, or 4 with --commit-first",
-        help="The most a busy node leaves between two database commits: none below 300 messages/s "
-             "through the node, rising to this at 600. Messages arriving meanwhile share the next "
-             "commit: higher saves CPU per message, lower acks sooner (and with --commit-first "
-             "delivers sooner) (0: no gap)."),
+        help="The most a busy node leaves between two database commits: none below 100 messages/s "
+             "written by the node, rising to this at 300 (300 and 600 with --commit-first). Messages "
+             "arriving meanwhile share the next commit: higher saves CPU per message, lower acks sooner "
+             "(and with --commit-first delivers sooner) (0: no gap)."),
     early_fanout: bool = typer.Option(True, "--early-fanout/--commit-first", envvar="SMS_EARLY_FANOUT",
                                       help="Early fan-out (the default): send a new message to clients and "
                                            "peers while its database commit runs; the sender's ack still waits "

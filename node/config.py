@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core.pacing import (COMMIT_GAP_COMMIT_FIRST_MS, COMMIT_GAP_EARLY_FANOUT_MS, FRAME_CAPS_LANES,
-                          FRAME_CAPS_STREAMS)
+from .core.pacing import (COMMIT_FIRST_PACING, EARLY_FANOUT_PACING, FRAME_CAPS_LANES, FRAME_CAPS_STREAMS,
+                          CommitPacing)
 from .errors import BadRequest
 
 DEFAULT_HTTP_PORT = 8081
@@ -41,7 +41,7 @@ class NodeConfig:
     busy_messages_per_s: float = 600.0
     # The most a busy node leaves between the starts of two commits (CommitPacer); 0: commit as
     # soon as the previous commit is done, at any load (lower latency, more CPU per message).
-    # None: the default for the fan-out mode (commit_gap_s).
+    # None: the default for the fan-out mode (commit_pacing).
     commit_gap_ms: float | None = None
     # Peers up to which a node pushes its frames on a direct stream to each (more: GossipSub only);
     # 0 turns direct push off (docs/protocol.md, "Direct push").
@@ -104,13 +104,13 @@ class NodeConfig:
         return (default_max if self.max_frames_per_s is None else self.max_frames_per_s,
                 default_min if self.min_frames_per_s is None else self.min_frames_per_s)
 
-    def commit_gap_s(self) -> float:
-        """The largest commit gap, in seconds: the one given, else the default for the mode. With
-        early fan-out a longer gap delays only acks, and saves the database and the nodes CPU;
-        with commit first it delays every delivery (node/core/pacing.py)."""
-        if self.commit_gap_ms is not None:
-            return self.commit_gap_ms / 1000
-        return (COMMIT_GAP_EARLY_FANOUT_MS if self.early_fanout else COMMIT_GAP_COMMIT_FIRST_MS) / 1000
+    def commit_pacing(self) -> CommitPacing:
+        """When this node spaces its commits: the default for the mode, with the largest gap given.
+        With early fan-out a gap delays only acks, and saves the database and the nodes CPU, so
+        it is longer and starts at a lower load; with commit first it delays every delivery
+        (node/core/pacing.py)."""
+        pacing = EARLY_FANOUT_PACING if self.early_fanout else COMMIT_FIRST_PACING
+        return pacing if self.commit_gap_ms is None else pacing.with_max_gap(self.commit_gap_ms / 1000)
 
     @property
     def identity_path(self) -> Path:

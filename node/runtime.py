@@ -1167,7 +1167,7 @@ class Node:
             "max_frames_per_s": max_frames,
             "min_frames_per_s": min_frames,
             "busy_messages_per_s": self.config.busy_messages_per_s,
-            "commit_gap_ms": self.config.commit_gap_s() * 1000,
+            "commit_gap_ms": self.config.commit_pacing().max_gap_s * 1000,
             "early_fanout": self.config.early_fanout,
             "publish_window_ms": self.config.publish_window_ms,
         }
@@ -1213,7 +1213,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     secret = parse_secret(config.secret) if config.secret else None
     key_pair = load_or_create_identity(config.identity_path)
     async with open_history(config.db_dsn, group_commit=config.group_commit, wire=config.db_wire,
-                            commit_gap_s=config.commit_gap_s()) as history:
+                            commit_pacing=config.commit_pacing()) as history:
         registry = await EtcdRegistry.connect(config.etcd_url)
         try:
             cache = RegistryCache()

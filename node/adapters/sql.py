@@ -104,7 +104,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..core.model import Message
-from ..core.pacing import CommitPacer
+from ..core.pacing import COMMIT_FIRST_PACING, CommitPacing
 from ..errors import BadRequest, NotFound, Unavailable
 from ..ports import HistoryPage
 from .pgwire import WireConnection, WireError
@@ -416,15 +416,13 @@ class SqlHistory:
         fault_hook: FaultHook | None = None,
         rng: random.Random | None = None,
         wire: bool = True,
-        commit_gap_s: float = CommitPacer.max_gap_s,
+        commit_pacing: CommitPacing = COMMIT_FIRST_PACING,
     ) -> None:
         if max_batch < 1 or pool_size < 1:
             raise ValueError("max_batch and pool_size must be >= 1")
-        if commit_gap_s < 0:
-            raise ValueError("commit_gap_s must be >= 0")
         self._dsn = dsn
         self.group_commit = group_commit
-        self.commit_gap_s = commit_gap_s  # the most a busy node leaves between commits (CommitPacer)
+        self.commit_pacing = commit_pacing  # how far apart a busy node's commits start (CommitPacer)
         self.max_batch = max_batch
         self.retry = retry
         self.fault_hook = fault_hook
@@ -643,7 +641,7 @@ class SqlHistory:
                 nursery.cancel_scope.cancel()
 
     async def _batch_loop(self, recv: trio.MemoryReceiveChannel[_AppendRequest]) -> None:
-        pacer = CommitPacer(max_gap_s=self.commit_gap_s)  # a busy node commits fuller batches (node/core/pacing.py)
+        pacer = self.commit_pacing.pacer()  # a busy node commits fuller batches (node/core/pacing.py)
         last_start: float | None = None
         async with recv:
             async for first in recv:
@@ -1095,7 +1093,7 @@ async def open_history(
     fault_hook: FaultHook | None = None,
     rng: random.Random | None = None,
     wire: bool = True,
-    commit_gap_s: float = CommitPacer.max_gap_s,
+    commit_pacing: CommitPacing = COMMIT_FIRST_PACING,
 ) -> AsyncIterator[SqlHistory]:
     """Opens the history: applies the schema migrations (raises Unavailable if the database cannot
     be reached now), starts the connection pool and, with group_commit, the batcher in an internal
@@ -1104,7 +1102,7 @@ async def open_history(
         dsn, group_commit=group_commit, max_batch=max_batch, pool_size=pool_size,
         pool_timeout=pool_timeout, connect_timeout=connect_timeout,
         reconnect_timeout=reconnect_timeout, retry=retry, fault_hook=fault_hook, rng=rng, wire=wire,
-        commit_gap_s=commit_gap_s,
+        commit_pacing=commit_pacing,
     )
     await history._open()
     try:

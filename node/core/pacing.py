@@ -151,8 +151,8 @@ class CommitPacer:
     from 10.1-10.2 to 11.1-13.4 ms, for ~12 more points of node CPU: the processes waited longer
     for a core (run-queue wait 124-126% → 200-208% of a core, summed). All of that was with commit
     first, where every delivery waits for its commit. With early fan-out (the default) nothing is
-    delivered later for a longer gap; only the sender's ack is, so a busy node commits at most every
-    COMMIT_GAP_EARLY_FANOUT_MS there (the constants below). `sms node --commit-gap-ms` sets it."""
+    delivered later for a longer gap; only the sender's ack is, so there the gap is longer and starts
+    sooner (EARLY_FANOUT_PACING, below). `sms node --commit-gap-ms` sets the gap."""
 
     max_gap_s: float = 0.004
     quiet_messages_per_s: float = 300.0
@@ -183,13 +183,40 @@ class CommitPacer:
         return max(0.0, last_start + self.gap(now) - now)
 
 
-# The largest commit gap by default (NodeConfig.commit_gap_s), in ms. With commit first it is in every
-# delivery of a busy node: 4 (CommitPacer's docstring). With early fan-out it is in the sender's
-# ack only, and 16 ms took PostgreSQL from 19% to 10% of a core at 1,600 sends/s on 3 nodes, the
-# run-queue wait from ~225% to ~145% of a core and delivery p99 from 7.5-8.4 to 5.3-6.2 ms, for
-# ~5 ms more ack p99 (alternated three times with NATS in each run; docs/benchmarks.md).
-COMMIT_GAP_COMMIT_FIRST_MS = CommitPacer.max_gap_s * 1000
-COMMIT_GAP_EARLY_FANOUT_MS = 16.0
+@dataclass(frozen=True)
+class CommitPacing:
+    """The shape of a node's commit gap (CommitPacer): none below quiet_messages_per_s appended by
+    the node, rising to max_gap_s at busy_messages_per_s."""
+
+    max_gap_s: float
+    quiet_messages_per_s: float
+    busy_messages_per_s: float
+
+    def __post_init__(self) -> None:
+        if self.max_gap_s < 0:
+            raise ValueError(f"the commit gap must be >= 0 s, not {self.max_gap_s}")
+        if not 0 <= self.quiet_messages_per_s < self.busy_messages_per_s:
+            raise ValueError("the commit gap must start at a message rate >= 0 and below the one it is full at")
+
+    def with_max_gap(self, max_gap_s: float) -> "CommitPacing":
+        return CommitPacing(max_gap_s, self.quiet_messages_per_s, self.busy_messages_per_s)
+
+    def pacer(self) -> CommitPacer:
+        return CommitPacer(max_gap_s=self.max_gap_s, quiet_messages_per_s=self.quiet_messages_per_s,
+                           busy_messages_per_s=self.busy_messages_per_s)
+
+
+# The commit pacing by default (NodeConfig.commit_pacing). With commit first the gap is in every
+# delivery of a busy node: what CommitPacer's docstring measured, 4 ms from 300 to 600 messages/s.
+# With early fan-out it is in the sender's ack only. There a gap of 16 ms took PostgreSQL from 19%
+# to 10% of a core at 1,600 sends/s on 3 nodes, the run-queue wait from ~225% to ~145% of a core
+# and delivery p99 from 7.5-8.4 to 5.3-6.2 ms, for ~5 ms more ack p99 (alternated three times with
+# NATS in each run); starting it at 100 messages/s per node, full at 300, then took PostgreSQL at
+# 800 sends/s from 16-18% to 8-10% and the p99 ratio to NATS from 1.74-1.80 to 1.13-1.64 (three
+# alternations), for ~10 ms more ack p99 there (docs/benchmarks.md, "Latest").
+COMMIT_FIRST_PACING = CommitPacing(CommitPacer.max_gap_s, CommitPacer.quiet_messages_per_s,
+                                   CommitPacer.busy_messages_per_s)
+EARLY_FANOUT_PACING = CommitPacing(0.016, 100.0, 300.0)
 
 
 # What one message may add to a room frame beyond its body: ids, sender, txn id, numbers.

@@ -460,8 +460,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def test_a_negative_commit_gap_is_refused_before_anything_opens() -> None:
-    with pytest.raises(ValueError, match="commit_gap_s"):
-        SqlHistory("postgresql://postgres@127.0.0.1:1/sms", commit_gap_s=-0.001)

@@ -19,7 +19,8 @@ from sms.node.core.envelope import (
     split_into_bundles,
 )
 from sms.node.core.model import MAX_BODY_BYTES, Message, message_id_for
-from sms.node.core.pacing import CommitPacer, DecayingRate, FramePacer, chunk_messages
+from sms.node.core.pacing import (COMMIT_FIRST_PACING, EARLY_FANOUT_PACING, CommitPacer, CommitPacing, DecayingRate,
+                                  FramePacer, chunk_messages)
 
 
 def message(i: int, body: str = "hi") -> Message:
@@ -193,26 +194,55 @@ def test_the_decaying_rate_estimates_a_steady_rate() -> None:
     assert rate.at(t + 1.0) == pytest.approx(200 / math.e, rel=0.05)
 
 
-def test_by_default_a_busy_node_frames_each_commit_at_once() -> None:
+@pytest.mark.parametrize("early_fanout", [True, False])
+def test_by_default_a_busy_node_frames_each_commit_at_once(early_fanout: bool) -> None:
     # Once the frame pacer is at its floor its rate exceeds the commit pacer's highest commit
     # rate, and the commit gap is full by then: a commit's messages never wait for a frame token.
+    from sms.node.config import NodeConfig
+
+    config = NodeConfig("n", Path("."), "http://127.0.0.1:1", "postgresql://x", early_fanout=early_fanout)
+    frames, pacing = FramePacer(), config.commit_pacing()
+    # A node commits at most once per message and at most once per gap, at every load.
+    q, b = pacing.quiet_messages_per_s, pacing.busy_messages_per_s
+
+    def most_commits(load: float) -> float:
+        gap = pacing.max_gap_s * min(1.0, max(0.0, load - q) / (b - q))
+        return min(load, 1 / gap) if gap > 0 else load
+
+    assert frames.min_rate > max(most_commits(load) for load in range(1, 5000))
+    assert pacing.busy_messages_per_s <= frames.busy_messages_per_s
+    assert config.lanes and config.frame_caps() == (frames.max_rate, frames.min_rate)
+    assert config.busy_messages_per_s == frames.busy_messages_per_s
+
+
+def test_commit_pacing_follows_the_mode_and_the_gap_given() -> None:
     from dataclasses import replace
 
     from sms.node.config import NodeConfig
 
-    frames, commits = FramePacer(), CommitPacer()
-    # A node commits at most once per message and at most once per gap, at every load.
-    q, b = commits.quiet_messages_per_s, commits.busy_messages_per_s
+    early = NodeConfig("n", Path("."), "http://127.0.0.1:1", "postgresql://x")
+    first = replace(early, early_fanout=False)
+    assert early.commit_pacing() == EARLY_FANOUT_PACING and first.commit_pacing() == COMMIT_FIRST_PACING
+    # Commit first's is what CommitPacer measured; early fan-out's gap (in acks only) is longer
+    # and starts sooner.
+    assert COMMIT_FIRST_PACING.pacer() == CommitPacer()
+    assert EARLY_FANOUT_PACING.max_gap_s > COMMIT_FIRST_PACING.max_gap_s
+    assert EARLY_FANOUT_PACING.quiet_messages_per_s < COMMIT_FIRST_PACING.quiet_messages_per_s
+    given = replace(early, commit_gap_ms=2.0).commit_pacing()
+    assert given.max_gap_s == 0.002 and given.quiet_messages_per_s == EARLY_FANOUT_PACING.quiet_messages_per_s
 
-    def most_commits(load: float) -> float:
-        gap = commits.max_gap_s * min(1.0, max(0.0, load - q) / (b - q))
-        return min(load, 1 / gap) if gap > 0 else load
 
-    assert frames.min_rate > max(most_commits(load) for load in range(1, 5000))
-    assert commits.busy_messages_per_s <= frames.busy_messages_per_s
-    config = NodeConfig("n", Path("."), "http://127.0.0.1:1", "postgresql://x")
-    assert config.lanes and config.frame_caps() == (frames.max_rate, frames.min_rate)
-    assert config.busy_messages_per_s == frames.busy_messages_per_s
-    # The gap measured above is commit first's; early fan-out's longer one commits less often still.
-    assert replace(config, early_fanout=False).commit_gap_s() == commits.max_gap_s
-    assert config.commit_gap_s() >= commits.max_gap_s
+@pytest.mark.parametrize("args", [(-0.001, 300, 600), (0.004, 300, 300), (0.004, -1, 600)])
+def test_a_commit_pacing_that_cannot_be_is_refused(args: tuple[float, float, float]) -> None:
+    with pytest.raises(ValueError, match="commit gap"):
+        CommitPacing(*args)
+
+
+def test_the_pacer_of_a_pacing_waits_as_it_says() -> None:
+    pacer = CommitPacing(0.016, 100, 300).pacer()
+    t = 0.0
+    for _ in range(1500):  # 300 messages/s for 5 s, one per commit: the gap is (nearly) full
+        t += 1 / 300
+        pacer.note_messages(1, t)
+    assert pacer.wait(t, t) == pytest.approx(0.016, rel=0.02)
+    assert pacer.wait(t, t + 0.010) == pytest.approx(0.006, abs=0.0005)  # the load decays a little meanwhile
