@@ -1162,12 +1162,16 @@ class Node:
     def pacing(self) -> dict:
         """What this node paces its frames and commits with (the options, defaults resolved)."""
         max_frames, min_frames = self.config.frame_caps()
+        commits = self.config.commit_pacing()
         return {
             "lanes": self.config.lanes,
             "max_frames_per_s": max_frames,
             "min_frames_per_s": min_frames,
             "busy_messages_per_s": self.config.busy_messages_per_s,
-            "commit_gap_ms": self.config.commit_pacing().max_gap_s * 1000,
+            "commit_gap_ms": commits.max_gap_s * 1000,
+            # the node's own messages per second at which the gap starts, and at which it is full
+            "commit_gap_from_messages_per_s": commits.quiet_messages_per_s,
+            "commit_gap_full_messages_per_s": commits.busy_messages_per_s,
             "early_fanout": self.config.early_fanout,
             "publish_window_ms": self.config.publish_window_ms,
         }

@@ -123,6 +123,8 @@ async def test_commit_first_a_thousand_concurrent_messages_arrive_exactly_once(c
         for status in await statuses(http, commit_first):
             assert status["pacing"]["early_fanout"] is False
             assert status["sent_before_commit"] == 0
+            # every delivery waits for its commit here, so commits keep the short gap, from 300/s
+            assert (status["pacing"]["commit_gap_ms"], status["pacing"]["commit_gap_from_messages_per_s"]) == (4.0, 300.0)
 
 
 @pytest.mark.parametrize("mode", ["early-fanout", "commit-first"])

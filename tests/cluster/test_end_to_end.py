@@ -48,7 +48,9 @@ async def test_cluster_json_describes_every_node(cluster: ClusterProcess) -> Non
             # the defaults, resolved: fast lanes and early fan-out, and the frame caps and commit gap
             # measured for them
             assert status["pacing"] == {"lanes": True, "max_frames_per_s": 1000.0, "min_frames_per_s": 500.0,
-                                        "busy_messages_per_s": 600.0, "commit_gap_ms": 16.0, "early_fanout": True,
+                                        "busy_messages_per_s": 600.0, "commit_gap_ms": 16.0,
+                                        "commit_gap_from_messages_per_s": 100.0,
+                                        "commit_gap_full_messages_per_s": 300.0, "early_fanout": True,
                                         "publish_window_ms": 0.0}
             # Nodes 1 and 2 were told only node 0's address; the DHT finds them each other.
             with trio.fail_after(20):
