@@ -22,6 +22,13 @@ import typer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("nats", "nats-fsync", "nats-cluster", "gossipsub", "sms-commit-first")
+# Sends the generator keeps waiting for their acks at most: a bound on its memory, set where the
+# system measured, not the bound, stops a sweep. It was 512; once sms spaced its commits up to 16 ms
+# apart under early fan-out, its acks at 6,400 sends/s took ~50 ms at p99 and 512 stopped sweeps
+# that held every other criterion (8,000 sends/s: p99 47.6 ms, nothing lost, 3,935 sends not
+# started); with 4,096 the same code held 12,500 (docs/benchmarks.md, "Latest").
+MAX_IN_FLIGHT = 4096
+MAX_IN_FLIGHT_HELP = "Sends awaiting acks at most; a due send beyond it is counted as not sent."
 
 
 def _say(line: str) -> None:
@@ -56,7 +63,7 @@ def register(app: typer.Typer) -> None:
         max_rate: float = typer.Option(20000.0, help="Never offer more than this."),
         max_points: int = typer.Option(8, min=1, max=50, help="Points per system at most."),
         refine: int = typer.Option(1, min=0, max=5, help="Bisection points after the first failure."),
-        max_in_flight: int = typer.Option(512, min=1, help="Sends awaiting acks at most."),
+        max_in_flight: int = typer.Option(MAX_IN_FLIGHT, min=1, help=MAX_IN_FLIGHT_HELP),
         baselines: str = typer.Option("nats,nats-fsync,gossipsub,sms-commit-first", help="Comma list from: nats, nats-fsync (JetStream syncing every write, as sms commits every message), nats-cluster (a JetStream cluster of as many servers as sms has nodes, the stream replicated on each), gossipsub, sms-commit-first (sms on a second fresh cluster whose nodes run --commit-first: nothing delivered before its commit) ('' for none)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during every sms point (raw stacks + summary)."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
@@ -89,7 +96,7 @@ def register(app: typer.Typer) -> None:
         duration: float = typer.Option(10.0, min=1, max=600),
         warmup: float = typer.Option(2.0, min=0, max=120),
         drain: float = typer.Option(5.0, min=0, max=60),
-        max_in_flight: int = typer.Option(512, min=1),
+        max_in_flight: int = typer.Option(MAX_IN_FLIGHT, min=1, help=MAX_IN_FLIGHT_HELP),
         baselines: str = typer.Option("", help="Comma list from: nats, nats-fsync, nats-cluster (one NATS server per sms node, the stream replicated on each), gossipsub, sms-commit-first (a second cluster with --commit-first)."),
         profile: bool = typer.Option(False, help="py-spy node 0 during each sms point."),
         retries: int = typer.Option(1, min=0, max=5, help="Repeat a point disturbed by other processes' CPU this often."),
