@@ -104,12 +104,13 @@ class NodeConfig:
         return (default_max if self.max_frames_per_s is None else self.max_frames_per_s,
                 default_min if self.min_frames_per_s is None else self.min_frames_per_s)
 
-    def commit_pacing(self) -> CommitPacing:
-        """When this node spaces its commits: the default for the mode, with the largest gap given.
-        With early fan-out a gap delays only acks, and saves the database and the nodes CPU, so
-        it is longer and starts at a lower load; with commit first it delays every delivery
-        (node/core/pacing.py)."""
-        pacing = EARLY_FANOUT_PACING if self.early_fanout else COMMIT_FIRST_PACING
+    def commit_pacing(self, deliveries_wait: bool | None = None) -> CommitPacing:
+        """When this node spaces its commits: the default for whether deliveries wait for commits
+        (by default: with commit first), with the largest gap given. Where only acks wait (early
+        fan-out, peers getting the frames) a gap saves the database and the nodes CPU for nothing
+        else, so it is longer and starts at a lower load (node/core/pacing.py)."""
+        waits = not self.early_fanout if deliveries_wait is None else deliveries_wait
+        pacing = COMMIT_FIRST_PACING if waits else EARLY_FANOUT_PACING
         return pacing if self.commit_gap_ms is None else pacing.with_max_gap(self.commit_gap_ms / 1000)
 
     @property

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol, Sequence
 
 from .core.model import Membership, Message, Role, Room, User
+from .core.pacing import CommitPacing
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +191,7 @@ class History(Protocol):
 
     async def ping(self) -> None:
         """Raises Unavailable if the database cannot be reached."""
+
+    def pace_commits(self, pacing: CommitPacing) -> None:
+        """How far apart a busy node's commits start from now on (a history that writes each
+        append at once ignores it)."""

@@ -61,7 +61,7 @@ from .core.envelope import (
     split_into_bundles,
 )
 from .core.custody import Custody, OwnDeliveries
-from .core.pacing import FramePacer, chunk_messages
+from .core.pacing import CommitPacing, FramePacer, chunk_messages
 from .core.ephemeral import PRESENCE_REFRESH_MS, Presence, Typing
 from .core.model import Message, Role, Room, User
 from .core.names import validate_name, validate_password
@@ -225,10 +225,14 @@ class Node:
     own_deliveries: OwnDeliveries = field(default_factory=OwnDeliveries)
     _marks_owed: dict[str, float] = field(default_factory=dict)  # room -> since when (trio time)
     custody_stored: int = 0  # messages this node wrote to history for their origin (serve_custody)
+    # How far apart a busy node's commits start now (NodeConfig.commit_pacing; _pace_commits).
+    commit_pacing: CommitPacing | None = None
     # Frames the validator decoded and checked, by content, so delivery does not redo the work.
     _checked_frames: "OrderedDict[bytes, Frame]" = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
+        if self.commit_pacing is None:
+            self.commit_pacing = self.config.commit_pacing()
         if self.config.rate_limit_per_s > 0 and self.limiter is None:
             self.limiter = RateLimiter(self.config.rate_limit_per_s, 2 * self.config.rate_limit_per_s)
 
@@ -694,9 +698,21 @@ class Node:
                 # the kernel, which delivers them even if this process dies now) may be seen by
                 # this node's clients: a peer can keep what they see (custody). Frames that went
                 # over GossipSub, or failed, wait for their commit first.
+                own = False
                 for item in batch:
                     if isinstance(item, Publish) and item.deliver:
+                        own = True
                         self._deliver_own(item.deliver, kept_by_peers=kept_by_peers)
+                if own:
+                    self._pace_commits(deliveries_wait=not kept_by_peers)
+
+    def _pace_commits(self, *, deliveries_wait: bool) -> None:
+        """Commits spaced for what waits for them: with early fan-out only acks, unless this
+        node's own clients wait for the commit too (no peer sure to keep its frames)."""
+        pacing = self.config.commit_pacing(deliveries_wait=deliveries_wait or not self.config.early_fanout)
+        if pacing != self.commit_pacing:
+            self.commit_pacing = pacing
+            self.history.pace_commits(pacing)
 
     def _stored_mark(self, room_id: str) -> tuple[int, int] | None:
         """With early fan-out, what a room frame tells peers about this node's stored sequence
@@ -1162,7 +1178,7 @@ class Node:
     def pacing(self) -> dict:
         """What this node paces its frames and commits with (the options, defaults resolved)."""
         max_frames, min_frames = self.config.frame_caps()
-        commits = self.config.commit_pacing()
+        commits = self.commit_pacing
         return {
             "lanes": self.config.lanes,
             "max_frames_per_s": max_frames,

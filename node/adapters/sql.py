@@ -641,10 +641,14 @@ class SqlHistory:
                 nursery.cancel_scope.cancel()
 
     async def _batch_loop(self, recv: trio.MemoryReceiveChannel[_AppendRequest]) -> None:
-        pacer = self.commit_pacing.pacer()  # a busy node commits fuller batches (node/core/pacing.py)
+        pacing = self.commit_pacing
+        pacer = pacing.pacer()  # a busy node commits fuller batches (node/core/pacing.py)
         last_start: float | None = None
         async with recv:
             async for first in recv:
+                if self.commit_pacing != pacing:  # pace_commits
+                    pacing = self.commit_pacing
+                    pacer = pacing.pacer(carry=pacer)
                 wait = pacer.wait(last_start, trio.current_time())
                 if wait > 0:
                     await trio.sleep(wait)  # what arrives meanwhile joins this batch
@@ -665,6 +669,10 @@ class SqlHistory:
                     size += len(req.messages)
                 pacer.note_messages(size, last_start)
                 await self._flush(batch)
+
+    def pace_commits(self, pacing: CommitPacing) -> None:
+        """Takes effect at the next batch."""
+        self.commit_pacing = pacing
 
     def _stop_batches(self) -> None:
         if self._send is not None:

@@ -201,14 +201,20 @@ class CommitPacing:
     def with_max_gap(self, max_gap_s: float) -> "CommitPacing":
         return CommitPacing(max_gap_s, self.quiet_messages_per_s, self.busy_messages_per_s)
 
-    def pacer(self) -> CommitPacer:
-        return CommitPacer(max_gap_s=self.max_gap_s, quiet_messages_per_s=self.quiet_messages_per_s,
-                           busy_messages_per_s=self.busy_messages_per_s)
+    def pacer(self, carry: CommitPacer | None = None) -> CommitPacer:
+        """A pacer of this shape; `carry`'s estimate of the node's message rate goes on in it."""
+        pacer = CommitPacer(max_gap_s=self.max_gap_s, quiet_messages_per_s=self.quiet_messages_per_s,
+                            busy_messages_per_s=self.busy_messages_per_s)
+        if carry is not None:
+            pacer._load = carry._load
+        return pacer
 
 
 # The commit pacing by default (NodeConfig.commit_pacing). With commit first the gap is in every
 # delivery of a busy node: what CommitPacer's docstring measured, 4 ms from 300 to 600 messages/s.
-# With early fan-out it is in the sender's ack only. There a gap of 16 ms took PostgreSQL from 19%
+# With early fan-out it is in the sender's ack only, as long as peers get the node's frames (else
+# its own clients wait for the commit: OwnDeliveries, so a lone node paces as commit first does;
+# Node.serve_publisher switches). There a gap of 16 ms took PostgreSQL from 19%
 # to 10% of a core at 1,600 sends/s on 3 nodes, the run-queue wait from ~225% to ~145% of a core
 # and delivery p99 from 7.5-8.4 to 5.3-6.2 ms, for ~5 ms more ack p99 (alternated three times with
 # NATS in each run); starting it at 100 messages/s per node, full at 300, then took PostgreSQL at

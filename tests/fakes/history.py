@@ -44,6 +44,7 @@ class FakeHistory:
         self._markers: dict[tuple[str, str], tuple[str, int]] = {}   # (user, room) -> (message_id, ts)
         self.unavailable = False
         self.append_calls = 0
+        self.commit_pacing: CommitPacing | None = None  # writes each append at once; kept for tests
 
     async def _io(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -194,6 +195,9 @@ class FakeHistory:
             if room == room_id:
                 vv[r.message.origin] = max(vv.get(r.message.origin, 0), r.message.seq)
         return vv
+
+    def pace_commits(self, pacing: CommitPacing) -> None:
+        self.commit_pacing = pacing
 
     async def ping(self) -> None:
         await self._io()

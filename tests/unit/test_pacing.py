@@ -230,6 +230,22 @@ def test_commit_pacing_follows_the_mode_and_the_gap_given() -> None:
     assert EARLY_FANOUT_PACING.quiet_messages_per_s < COMMIT_FIRST_PACING.quiet_messages_per_s
     given = replace(early, commit_gap_ms=2.0).commit_pacing()
     assert given.max_gap_s == 0.002 and given.quiet_messages_per_s == EARLY_FANOUT_PACING.quiet_messages_per_s
+    # A node whose own clients wait for its commits after all (no peer got its frames) paces as
+    # commit first does.
+    assert early.commit_pacing(deliveries_wait=True) == COMMIT_FIRST_PACING
+    assert replace(early, commit_gap_ms=2.0).commit_pacing(deliveries_wait=True) == COMMIT_FIRST_PACING.with_max_gap(0.002)
+
+
+def test_a_new_shape_carries_on_the_load_estimate() -> None:
+    pacer = COMMIT_FIRST_PACING.pacer()
+    t = 0.0
+    for _ in range(1500):  # 300 messages/s for 5 s
+        t += 1 / 300
+        pacer.note_messages(1, t)
+    assert pacer.gap(t) == 0.0                                  # below commit first's threshold
+    carried = EARLY_FANOUT_PACING.pacer(carry=pacer)
+    assert carried.gap(t) == pytest.approx(0.016, rel=0.02)      # full at once: the rate was known
+    assert EARLY_FANOUT_PACING.pacer().gap(t) == 0.0            # a fresh one knows of no load
 
 
 @pytest.mark.parametrize("args", [(-0.001, 300, 600), (0.004, 300, 300), (0.004, -1, 600)])
