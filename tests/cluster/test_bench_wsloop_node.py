@@ -17,7 +17,7 @@ from sms.benchmarks.recorder import Recorder
 from sms.benchmarks.schedule import Plan, Workload, make_schedule
 from sms.benchmarks.wsloop import EventsLoop, open_events_socket
 
-from .harness import ClusterProcess, account, allocate_ports, auth
+from .harness import ClusterProcess, account, auth, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,8 @@ WORKLOAD = Workload(clients=3, senders=2, rooms=1, rate=40, duration_s=1.0, warm
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("wsloop"), nodes=1, ports=allocate_ports(1))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("wsloop"), nodes=1) as c:
+        yield c
 
 
 async def setup_room(cluster: ClusterProcess) -> tuple[str, list[str]]:

@@ -12,18 +12,15 @@ import trio
 
 from sms.node.core.pacing import COMMIT_FIRST_PACING, EARLY_FANOUT_PACING
 
-from .harness import ClusterProcess, account, allocate_ports, auth
+from .harness import ClusterProcess, account, auth, running_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("alone"), nodes=1, ports=allocate_ports(1))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("alone"), nodes=1) as c:
+        yield c
 
 
 async def test_a_node_alone_keeps_the_short_commit_gap_once_it_sends(alone: ClusterProcess) -> None:

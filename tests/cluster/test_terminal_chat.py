@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .harness import ClusterProcess, allocate_ports
+from .harness import ClusterProcess, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +32,8 @@ ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("cli"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("cli"), nodes=3) as c:
+        yield c
 
 
 def person(home: Path, node: str) -> dict:

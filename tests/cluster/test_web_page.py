@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from .harness import Client, ClusterProcess, allocate_ports
+from .harness import Client, ClusterProcess, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,8 @@ def find_chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("web"), nodes=3, ports=allocate_ports(3))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("web"), nodes=3) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

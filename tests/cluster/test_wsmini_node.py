@@ -14,17 +14,14 @@ import trio
 
 from sms.benchmarks.wsmini import ConnectionClosed, HandshakeError, WebSocket, open_websocket_url
 
-from .harness import ClusterProcess, account, allocate_ports, auth
+from .harness import ClusterProcess, account, auth, running_cluster
 
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = ClusterProcess(data_dir=tmp_path_factory.mktemp("wsmini"), nodes=1, ports=allocate_ports(1))
-    c.start()
-    yield c
-    if c.proc is not None and c.proc.poll() is None:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("wsmini"), nodes=1) as c:
+        yield c
 
 
 @dataclass
